@@ -1,0 +1,1 @@
+"""Benchmarks for divprune_ext: `python -m bench --help`."""

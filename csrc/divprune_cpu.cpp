@@ -1,0 +1,139 @@
+// CPU kernels: the Gram product goes through ATen's BLAS, the greedy
+// max-min selection is a hand-written loop over the similarity matrix.
+#include "divprune.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace divprune {
+namespace {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+// Below this many candidates a greedy step is too short to pay for a thread fork.
+constexpr int64_t kParallelStepMinRows = 16384;
+
+// Cosine similarity with the same ATen ops, in the same order, as
+// divprune_ext.reference.pairwise_distance, so the CPU op is bit-identical to it.
+at::Tensor cosine_similarity(const at::Tensor& x) {
+  const auto xf = x.to(at::kFloat);
+  const auto norms = at::linalg_vector_norm(xf, 2, {-1}, /*keepdim=*/true).clamp_min(1e-12);
+  const auto xn = xf / norms;
+  return at::matmul(xn, xn.transpose(-2, -1));
+}
+
+// NaN never wins, so a corrupt input still yields distinct indices.
+inline float score(float min_distance) { return std::isnan(min_distance) ? -kInf : min_distance; }
+
+struct Best {
+  float value = -kInf;
+  int64_t index = -1;
+  // Candidates arrive in increasing index order, so strict `>` keeps the lowest index on ties.
+  void offer(float v, int64_t i) {
+    if (index < 0 || v > value) {
+      value = v;
+      index = i;
+    }
+  }
+  void merge(const Best& later) {
+    if (later.index >= 0) offer(later.value, later.index);
+  }
+};
+
+// The first pick: the row whose minimum distance to any *other* row is largest.
+int64_t first_pick(const float* sim, int64_t rows) {
+  std::vector<float> row_min(rows);
+  at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / rows), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float* row = sim + i * rows;
+      float m = kInf;
+      for (int64_t j = 0; j < i; ++j) m = std::min(m, 1.0f - row[j]);
+      for (int64_t j = i + 1; j < rows; ++j) m = std::min(m, 1.0f - row[j]);
+      row_min[i] = m;
+    }
+  });
+  Best best;
+  for (int64_t i = 0; i < rows; ++i) best.offer(score(row_min[i]), i);
+  return best.index;
+}
+
+// Folds the newest pick's distances into the running minima of [begin, end)
+// and returns the best unpicked candidate there.
+Best update_range(const float* pick_row, float* min_distance, const uint8_t* picked, int64_t begin,
+                  int64_t end) {
+  Best best;
+  for (int64_t i = begin; i < end; ++i) {
+    const float d = 1.0f - pick_row[i];
+    const float m = d < min_distance[i] ? d : min_distance[i];
+    min_distance[i] = m;
+    if (!picked[i]) best.offer(score(m), i);
+  }
+  return best;
+}
+
+void greedy_select(const float* sim, int64_t rows, int64_t k, int64_t* out) {
+  std::vector<float> min_distance(rows, kInf);
+  std::vector<uint8_t> picked(rows, 0);
+  const int64_t chunks =
+      rows >= kParallelStepMinRows ? std::min<int64_t>(at::get_num_threads(), rows / 8192) : 1;
+  const int64_t chunk_rows = (rows + chunks - 1) / chunks;
+  std::vector<Best> chunk_best(chunks);
+
+  int64_t pick = first_pick(sim, rows);
+  for (int64_t step = 0; step < k; ++step) {
+    out[step] = pick;
+    picked[pick] = 1;
+    if (step + 1 == k) break;
+    const float* pick_row = sim + pick * rows;
+    if (chunks == 1) {
+      pick = update_range(pick_row, min_distance.data(), picked.data(), 0, rows).index;
+      continue;
+    }
+    at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+      for (int64_t c = cb; c < ce; ++c) {
+        chunk_best[c] = update_range(pick_row, min_distance.data(), picked.data(), c * chunk_rows,
+                                     std::min(rows, (c + 1) * chunk_rows));
+      }
+    });
+    Best best;
+    for (const auto& b : chunk_best) best.merge(b);
+    pick = best.index;
+  }
+}
+
+at::Tensor select_cpu(const at::Tensor& x, int64_t k) {
+  const auto shape = check_input(x, "divprune.select");
+  check_k(shape, k);
+  auto out = at::empty(select_output_shape(x, k), x.options().dtype(at::kLong));
+  if (shape.batch == 0) return out;
+  const auto sim = cosine_similarity(x).contiguous();
+  const float* sim_data = sim.data_ptr<float>();
+  int64_t* out_data = out.data_ptr<int64_t>();
+  const int64_t rows = shape.rows;
+  at::parallel_for(0, shape.batch, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      greedy_select(sim_data + b * rows * rows, rows, k, out_data + b * k);
+    }
+  });
+  return out;
+}
+
+at::Tensor pairwise_distance_cpu(const at::Tensor& x) {
+  check_input(x, "divprune.pairwise_distance");
+  // -s + 1 rounds exactly like the reference's 1 - s, without a second M x M buffer.
+  return cosine_similarity(x).neg_().add_(1.0);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(divprune, CPU, m) {
+  m.impl("select", &select_cpu);
+  m.impl("pairwise_distance", &pairwise_distance_cpu);
+}
+
+}  // namespace divprune

@@ -1,0 +1,127 @@
+"""divprune_ext: DivPrune visual-token pruning as compiled PyTorch operators.
+
+Importing the package loads the extension, which registers
+``torch.ops.divprune.select`` and ``torch.ops.divprune.pairwise_distance`` for
+CPU (and CUDA when built with it). The functions here validate arguments, turn a
+keep ratio into a token count and gather the kept tokens.
+
+>>> import torch, divprune_ext
+>>> tokens = torch.randn(576, 4096)
+>>> kept, idx = divprune_ext.prune(tokens, keep_ratio=0.1)   # 58 tokens, original order
+"""
+import math
+import numbers
+from typing import Optional, Tuple
+
+import torch
+
+from . import _C  # noqa: F401  (registers the operators)
+from . import _fake  # noqa: F401  (their fake kernels)
+from . import reference
+
+__all__ = ["select", "prune", "pairwise_distance", "keep_count", "reference", "cuda_available"]
+__version__ = "0.1.0"
+
+
+def cuda_available() -> bool:
+    """True when the extension was built with its CUDA kernels (a GPU may still be absent)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("divprune::select", "CUDA")
+
+
+def keep_count(num_tokens: int, keep_ratio: float) -> int:
+    """Tokens kept out of ``num_tokens``: ``max(1, round(num_tokens * keep_ratio))``.
+
+    Python's ``round`` (half to even), as in the authors' code: 576 x 0.098 -> 56.
+    """
+    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, numbers.Real):
+        raise TypeError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
+    if not (0.0 < keep_ratio <= 1.0):  # also rejects NaN
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+    return max(1, round(num_tokens * keep_ratio))
+
+
+def _check_tensor(x, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() not in (2, 3):
+        raise ValueError(f"{name} must have shape (M, D) or (B, M, D), got shape {tuple(x.shape)}")
+
+
+def _check_finite(x: torch.Tensor, name: str) -> None:
+    bad_rows = (~torch.isfinite(x)).any(dim=-1)
+    if bad_rows.any():
+        where = bad_rows.nonzero()[0].tolist()
+        position = f"row {where[-1]}" + (f" of batch item {where[0]}" if x.dim() == 3 else "")
+        raise ValueError(f"{name} contains NaN or Inf (first at {position}); "
+                         "pass validate=False to skip this check")
+
+
+def _resolve_k(x: torch.Tensor, k: Optional[int], keep_ratio: Optional[float]) -> int:
+    if (k is None) == (keep_ratio is None):
+        raise ValueError("give exactly one of k and keep_ratio")
+    if keep_ratio is not None:
+        return keep_count(x.shape[-2], keep_ratio)
+    if isinstance(k, bool) or not isinstance(k, (numbers.Integral, torch.SymInt)):
+        raise TypeError(f"k must be an int, got {k!r}")
+    if not 1 <= k <= x.shape[-2]:
+        raise ValueError(f"k must be in [1, M] = [1, {x.shape[-2]}], got k = {k}")
+    return int(k)
+
+
+def select(x: torch.Tensor, k: Optional[int] = None, *, keep_ratio: Optional[float] = None,
+           sorted: bool = False, validate: bool = True) -> torch.Tensor:
+    """Indices of the tokens DivPrune keeps.
+
+    Args:
+        x: features of shape (M, D) or (B, M, D), float32/float16/bfloat16, on CPU or CUDA.
+        k: how many tokens to keep per item, 1 <= k <= M.
+        keep_ratio: alternatively, the fraction to keep: ``k = max(1, round(M * keep_ratio))``.
+        sorted: return the indices in ascending (original token) order instead of selection order.
+        validate: check for NaN/Inf first. The check reads the data back to the host;
+            pass False inside a CUDA graph or when the input is known to be finite.
+
+    Returns:
+        int64 indices of shape (k,) or (B, k), distinct within each item.
+    """
+    _check_tensor(x, "x")
+    k = _resolve_k(x, k, keep_ratio)
+    if validate:
+        _check_finite(x, "x")
+    indices = torch.ops.divprune.select(x, k)
+    return indices.sort(dim=-1).values if sorted else indices
+
+
+def pairwise_distance(x: torch.Tensor, *, validate: bool = True) -> torch.Tensor:
+    """Float32 cosine-distance matrix ``1 - <xi, xj>`` of L2-normalised rows: (M, M) or (B, M, M)."""
+    _check_tensor(x, "x")
+    if validate:
+        _check_finite(x, "x")
+    return torch.ops.divprune.pairwise_distance(x)
+
+
+def prune(tokens: torch.Tensor, keep_ratio: Optional[float] = None, features: Optional[torch.Tensor] = None,
+          *, k: Optional[int] = None, validate: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Keep a diverse subset of ``tokens``, in their original order.
+
+    Args:
+        tokens: (M, D) or (B, M, D) tokens to prune (any dtype).
+        keep_ratio: fraction of tokens to keep, in (0, 1]; or give ``k`` instead.
+        features: what the selection looks at, (M, F) or (B, M, F) on the same device;
+            defaults to ``tokens`` (the authors select on the projected visual tokens).
+        k: number of tokens to keep, instead of ``keep_ratio``.
+        validate: check ``features`` for NaN/Inf first (see :func:`select`).
+
+    Returns:
+        ``(kept, indices)``: kept tokens (k, D) / (B, k, D) and their ascending indices (k,) / (B, k).
+    """
+    _check_tensor(tokens, "tokens")
+    features = tokens if features is None else features
+    _check_tensor(features, "features")
+    if features.shape[:-1] != tokens.shape[:-1]:
+        raise ValueError(f"features must have the token shape {tuple(tokens.shape[:-1])} before the feature "
+                         f"dimension, got {tuple(features.shape)}")
+    if features.device != tokens.device:
+        raise ValueError(f"features are on {features.device} but tokens on {tokens.device}")
+    indices = select(features, k, keep_ratio=keep_ratio, sorted=True, validate=validate)
+    kept = tokens.gather(-2, indices.unsqueeze(-1).expand(*indices.shape, tokens.shape[-1]))
+    return kept, indices

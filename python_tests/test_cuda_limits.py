@@ -1,0 +1,30 @@
+"""CUDA-only limits: the largest supported M, and clear errors past it."""
+import pytest
+import torch
+
+from conftest import requires_cuda
+from divprune_ext import reference
+
+pytestmark = requires_cuda
+
+
+def test_largest_register_path():
+    # 40,000 tokens: every thread of the greedy kernel owns up to 64 candidates.
+    x = torch.randn(40_000, 8, device="cuda")
+    picks = torch.ops.divprune.select(x, 40)
+    dist = torch.ops.divprune.pairwise_distance(x)
+    assert torch.equal(picks, reference.greedy_select(dist, 40))
+    del dist
+
+
+def test_too_many_tokens():
+    x = torch.randn(65_537, 1, device="cuda")
+    with pytest.raises(ValueError, match="at most 65536 tokens per item, got M = 65537"):
+        torch.ops.divprune.select(x, 1)
+
+
+def test_out_of_memory_names_the_bytes():
+    x = torch.randn(64, 65_536, 1, device="cuda")
+    need = 64 * 65_536 * 65_536 * 4
+    with pytest.raises(torch.OutOfMemoryError, match=f"needs {need} bytes"):
+        torch.ops.divprune.select(x, 1)

@@ -469,21 +469,25 @@ __global__ void __launch_bounds__(1024)
 // Host side
 // ---------------------------------------------------------------------------
 
-int multiprocessor_count(int device) {
-  static int counts[64] = {};
-  if (device >= 64) device = 63;
-  if (counts[device] == 0) {
-    int n = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-    counts[device] = n;
-  }
-  return counts[device];
-}
+struct DeviceInfo {
+  int multiprocessors = 0;
+  bool bf16_tensor_cores = false;  // WMMA with fp16/bf16 inputs: sm_80 and newer
+};
 
-bool has_bf16_tensor_cores(int device) {
-  int major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  return major >= 8;
+// Queried once per device: attribute queries are cheap but not free, and are
+// allowed during CUDA graph capture.
+const DeviceInfo& device_info(int device) {
+  static DeviceInfo cache[64];
+  TORCH_CHECK(device >= 0 && device < 64, "divprune: unsupported device index ", device);
+  DeviceInfo& info = cache[device];
+  if (info.multiprocessors == 0) {
+    int major = 0, sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    info.bf16_tensor_cores = major >= 8;
+    info.multiprocessors = sms;
+  }
+  return info;
 }
 
 at::Tensor allocate(at::IntArrayRef shape, const at::TensorOptions& options, const char* what) {
@@ -511,7 +515,7 @@ void launch_distance_tiles(const at::Tensor& x, const ProblemShape& shape, const
   const int64_t tiles = shape.batch * tiles_per_side * (tiles_per_side + 1) / 2;
   // Too few tiles to fill the GPU: split the D reduction, each split >= 4 stages.
   const int64_t stages = (shape.dim + Core::kChunk - 1) / Core::kChunk;
-  const int64_t wanted = (2 * multiprocessor_count(x.get_device()) + tiles - 1) / tiles;
+  const int64_t wanted = (2 * device_info(x.get_device()).multiprocessors + tiles - 1) / tiles;
   int64_t splits = std::max<int64_t>(1, std::min<int64_t>({wanted, stages / 4, 16}));
   const int64_t split_len = (stages + splits - 1) / splits * Core::kChunk;
   splits = (shape.dim + split_len - 1) / split_len;
@@ -558,7 +562,7 @@ Distances compute_distances(const at::Tensor& x_in, const ProblemShape& shape, c
   if (shape.batch == 0) return out;
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const bool tensor_cores = has_bf16_tensor_cores(x.get_device());
+  const bool tensor_cores = device_info(x.get_device()).bf16_tensor_cores;
   switch (x.scalar_type()) {
     case at::kFloat:
       launch_distance_tiles<float, FmaCore<float>>(x, shape, inv_norm, out, stream);

@@ -15,9 +15,11 @@ PY="${PYTHON:-python3}"
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install --quiet "torch==2.14.1"
 fi
+# Build and test tools, plus the extras the demo, its tests and the bench plot use.
 missing=$("$PY" - <<'PY'
 import importlib.util
-need = {"numpy": "numpy", "pytest": "pytest", "ninja": "ninja", "setuptools": "setuptools"}
+need = {"numpy": "numpy", "pytest": "pytest", "ninja": "ninja", "setuptools": "setuptools",
+        "skimage": "scikit-image", "PIL": "pillow", "matplotlib": "matplotlib"}
 print(" ".join(pkg for mod, pkg in need.items() if importlib.util.find_spec(mod) is None))
 PY
 )

@@ -107,7 +107,7 @@ setup(
         "test": ["pytest"],
         "bench": ["matplotlib"],
         "demo": ["scikit-image", "pillow", "matplotlib"],
-        "llava": ["transformers"],
+        "llava": ["transformers>=5.17,<6"],
     },
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},

@@ -39,7 +39,10 @@ IMPLEMENTATIONS = {
     "divprune_ext": lambda x, k: torch.ops.divprune.select(x, k),
     "reference": divprune_ext.reference.select,
     "seed loop": seed_loop_select,
+    # Not a selection: the float32 Gram product alone, the floor of any exact CPU version.
+    "gram only": lambda x, k: x.float() @ x.float().transpose(-2, -1),
 }
+SELECTIONS = ("divprune_ext", "reference", "seed loop")
 
 
 def parse_args(argv=None):
@@ -50,7 +53,8 @@ def parse_args(argv=None):
                                                   "fp16 on GPU / fp32 on CPU elsewhere)")
     p.add_argument("--shapes", default=None, help="comma list of BxMxD (default: the LLaVA matrix)")
     p.add_argument("--ratios", default=None, help="keep ratios (default 0.1; 0.05,0.25,0.5 on the first shape too)")
-    p.add_argument("--impls", default=",".join(IMPLEMENTATIONS), help="comma list of " + ",".join(IMPLEMENTATIONS))
+    p.add_argument("--impls", default=None, help="comma list of " + ", ".join(IMPLEMENTATIONS) +
+                   " (default: all; 'gram only' on CPU only)")
     p.add_argument("--seed-max-m", type=int, default=4608, help="skip the (slow) seed loop above this M")
     p.add_argument("--graph", action="store_true", help="also time CUDA-graph replays of the graph-safe versions")
     p.add_argument("--e2e", action="store_true", help="also time a 7B LLaMA-shaped prefill with and without pruning")
@@ -65,6 +69,8 @@ def parse_args(argv=None):
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not (torch.cuda.is_available() and divprune_ext.cuda_available()):
         p.error("--device cuda needs a GPU and divprune_ext built with CUDA")
+    if args.impls is None:
+        args.impls = ",".join(i for i in IMPLEMENTATIONS if args.device == "cpu" or i in SELECTIONS)
     args.impls = [i.strip() for i in args.impls.split(",")]
     for impl in args.impls:
         if impl not in IMPLEMENTATIONS:
@@ -171,7 +177,8 @@ def run_case(name, shape, ratio, dtype_name, args, progress):
             continue
         fn = IMPLEMENTATIONS[impl]
         progress(f"{name} {dtype_name} keep {ratio:g}: {impl}")
-        picks[impl] = fn(inputs[0], k).cpu()
+        if impl in SELECTIONS:
+            picks[impl] = fn(inputs[0], k).cpu()
         variants = [(impl, lambda x, fn=fn: fn(x, k))]
         if args.graph and args.device == "cuda" and impl != "seed loop":
             variants.append((impl + " (graph)", graph_replay(lambda x, fn=fn: fn(x, k), inputs[0])))
@@ -185,7 +192,7 @@ def run_case(name, shape, ratio, dtype_name, args, progress):
         row["speedup_vs_reference"] = reference_time / row["median_us"] if reference_time else None
         base = row["impl"].removesuffix(" (graph)")
         row["same_picks_as_reference"] = (torch.equal(picks[base], picks["reference"])
-                                          if "reference" in picks else None)
+                                          if "reference" in picks and base in picks else None)
     return rows
 
 
@@ -259,8 +266,13 @@ def main(argv=None):
     result = {"environment": environment(args.device), "results": rows}
     print(format_table(rows))
     if args.e2e:
-        from bench.e2e import prefill_benchmark
-        result["end_to_end"] = prefill_benchmark(args.device)
+        from bench.e2e import llava_prefill_benchmark, prefill_benchmark
+        for key, benchmark in (("end_to_end", prefill_benchmark), ("llava_prefill", llava_prefill_benchmark)):
+            try:  # a failure here must not lose the microbenchmark results
+                result[key] = benchmark(args.device)
+            except Exception as e:  # noqa: BLE001
+                print(f"({key} failed: {type(e).__name__}: {e})")
+                result[key] = {"error": f"{type(e).__name__}: {e}"}
     json_path = os.path.join(args.out_dir, "bench_results.json")
     with open(json_path, "w") as f:
         json.dump(result, f, indent=1)

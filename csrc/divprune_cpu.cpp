@@ -45,23 +45,6 @@ struct Best {
   }
 };
 
-// The first pick: the row whose minimum distance to any *other* row is largest.
-int64_t first_pick(const float* sim, int64_t rows) {
-  std::vector<float> row_min(rows);
-  at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / rows), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const float* row = sim + i * rows;
-      float m = kInf;
-      for (int64_t j = 0; j < i; ++j) m = std::min(m, 1.0f - row[j]);
-      for (int64_t j = i + 1; j < rows; ++j) m = std::min(m, 1.0f - row[j]);
-      row_min[i] = m;
-    }
-  });
-  Best best;
-  for (int64_t i = 0; i < rows; ++i) best.offer(score(row_min[i]), i);
-  return best.index;
-}
-
 // Folds the newest pick's distances into the running minima of [begin, end)
 // and returns the best unpicked candidate there.
 Best update_range(const float* pick_row, float* min_distance, const uint8_t* picked, int64_t begin,
@@ -76,7 +59,9 @@ Best update_range(const float* pick_row, float* min_distance, const uint8_t* pic
   return best;
 }
 
-void greedy_select(const float* sim, int64_t rows, int64_t k, int64_t* out) {
+// `nearest_other[i]` is row i's minimum distance to the other rows; the first
+// pick is the row where it is largest.
+void greedy_select(const float* sim, const float* nearest_other, int64_t rows, int64_t k, int64_t* out) {
   std::vector<float> min_distance(rows, kInf);
   std::vector<uint8_t> picked(rows, 0);
   const int64_t chunks =
@@ -84,7 +69,9 @@ void greedy_select(const float* sim, int64_t rows, int64_t k, int64_t* out) {
   const int64_t chunk_rows = (rows + chunks - 1) / chunks;
   std::vector<Best> chunk_best(chunks);
 
-  int64_t pick = first_pick(sim, rows);
+  Best first;
+  for (int64_t i = 0; i < rows; ++i) first.offer(score(nearest_other[i]), i);
+  int64_t pick = first.index;
   for (int64_t step = 0; step < k; ++step) {
     out[step] = pick;
     picked[pick] = 1;
@@ -112,12 +99,18 @@ at::Tensor select_cpu(const at::Tensor& x, int64_t k) {
   auto out = at::empty(select_output_shape(x, k), x.options().dtype(at::kLong));
   if (shape.batch == 0) return out;
   const auto sim = cosine_similarity(x).contiguous();
+  // A row's own similarity must not count as its nearest neighbour; the greedy
+  // steps never read the diagonal of an unpicked row. min_j (1 - s_ij) rounds
+  // exactly like 1 - max_j s_ij, since x -> 1 - x is monotone.
+  sim.diagonal(0, -2, -1).fill_(-kInf);
+  const auto nearest_other = at::rsub(sim.amax(-1), 1.0).contiguous();
   const float* sim_data = sim.data_ptr<float>();
+  const float* nearest_data = nearest_other.data_ptr<float>();
   int64_t* out_data = out.data_ptr<int64_t>();
   const int64_t rows = shape.rows;
   at::parallel_for(0, shape.batch, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      greedy_select(sim_data + b * rows * rows, rows, k, out_data + b * k);
+      greedy_select(sim_data + b * rows * rows, nearest_data + b * rows, rows, k, out_data + b * k);
     }
   });
   return out;

@@ -19,7 +19,8 @@ fi
 missing=$("$PY" - <<'PY'
 import importlib.util
 need = {"numpy": "numpy", "pytest": "pytest", "ninja": "ninja", "setuptools": "setuptools",
-        "skimage": "scikit-image", "PIL": "pillow", "matplotlib": "matplotlib"}
+        "skimage": "scikit-image", "PIL": "pillow", "matplotlib": "matplotlib",
+        "transformers": "transformers>=5.17,<6"}
 print(" ".join(pkg for mod, pkg in need.items() if importlib.util.find_spec(mod) is None))
 PY
 )

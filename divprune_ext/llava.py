@@ -53,8 +53,9 @@ def _as_list(output) -> List[torch.Tensor]:
     """Per-image / per-video (n, H) features from get_*_features, whatever its return type."""
     features = getattr(output, "pooler_output", output)
     if isinstance(features, torch.Tensor):
-        return list(features) if features.dim() == 3 else [features]
-    return list(features)
+        features = list(features) if features.dim() == 3 else [features]
+    # 5.17 gives each video as (frames, tokens, H); the model flattens it in that order.
+    return [f.flatten(0, -2) for f in features]
 
 
 def _visual_features(model, pixel_values, image_sizes, pixel_values_videos):

@@ -2,7 +2,7 @@
 compiled operators with it.
 
 It follows the exact algorithm of the package:
-  * rows are L2-normalised in float32 (``F.normalize``), distance is cosine
+  * rows are L2-normalised in float32 (as ``F.normalize``), distance is cosine
     distance ``1 - <xi, xj>``;
   * the first pick is the row whose minimum distance to any *other* row is largest;
   * each next pick is the unpicked row whose minimum distance to the picked set is
@@ -12,15 +12,21 @@ It assumes finite input (the public API checks that). Every step is a tensor
 operation with no host sync, so it also runs on CUDA and inside a CUDA graph.
 """
 import torch
-import torch.nn.functional as F
 
 __all__ = ["pairwise_distance", "greedy_select", "select"]
 
 
 def pairwise_distance(x: torch.Tensor) -> torch.Tensor:
-    """Float32 cosine distances of the rows of ``x``: (M, D) -> (M, M), (B, M, D) -> (B, M, M)."""
-    normed = F.normalize(x.float(), dim=-1)
-    return 1.0 - normed @ normed.transpose(-2, -1)
+    """Float32 cosine distances of the rows of ``x``: (M, D) -> (M, M), (B, M, D) -> (B, M, M).
+
+    ``<xi/|xi|, xj/|xj|>`` is computed as ``<xi, xj> / |xi| / |xj|``: the same value
+    as normalising first, without a normalised copy of ``x``. Norms are clamped at
+    1e-12 like ``F.normalize``, so a zero row is at distance 1 from everything.
+    """
+    x = x.float()
+    inv_norm = x.norm(dim=-1, keepdim=True).clamp_min(1e-12).reciprocal()
+    similarity = (x @ x.transpose(-2, -1)) * inv_norm * inv_norm.transpose(-2, -1)
+    return 1.0 - similarity
 
 
 def greedy_select(dist: torch.Tensor, k: int) -> torch.Tensor:

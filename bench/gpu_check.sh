@@ -1,40 +1,56 @@
 #!/usr/bin/env bash
-# Everything a GPU session must prove, in one call: build, full test suite,
-# compute-sanitizer (memcheck + racecheck) over every kernel, the benchmark with
-# CUDA graphs and the end-to-end prefill. Results go to $OUT (default bench/out/gpu),
-# at most 8 files so the device tool brings them all back.
-#   bash bench/gpu_check.sh            # everything
-#   SKIP_E2E=1 bash bench/gpu_check.sh # without the 7B prefill
+# Everything a GPU session must prove: build, the full test suite, compute-sanitizer
+# (memcheck + racecheck) over every kernel, the benchmark with CUDA graphs and the
+# end-to-end prefill. Results go to $OUT (default bench/out/gpu), at most 8 files, so
+# the device tool brings them all back.
+#   bash bench/gpu_check.sh                  # every stage: build test sanitize bench
+#   bash bench/gpu_check.sh build test       # some stages (each call must fit 10 minutes)
+#   SKIP_E2E=1 bash bench/gpu_check.sh bench # the benchmark without the 7B prefills
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/out/gpu}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
+stages="${*:-build test sanitize bench}"
 status=0
-
-echo "== build" | tee "$OUT/summary.txt"
 export FORCE_CUDA=1 DIVPRUNE_PTXAS_VERBOSE=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
-{ nvidia-smi; nvcc --version; "$PY" -c "import torch; print('torch', torch.__version__)"; } > "$OUT/build.log" 2>&1
-"$PY" setup.py build_ext --inplace -v >> "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-grep -E "Compiling entry|registers|spill" "$OUT/build.log" | tail -60 >> "$OUT/summary.txt" || true
 
-echo "== tests" | tee -a "$OUT/summary.txt"
-"$PY" -m pytest python_tests -q -rs > "$OUT/tests.log" 2>&1 || status=1
-tail -15 "$OUT/tests.log" | tee -a "$OUT/summary.txt"
-
-echo "== compute-sanitizer" | tee -a "$OUT/summary.txt"
-: > "$OUT/sanitizer.log"
-for tool in memcheck racecheck; do
-  compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" bench/sanitize_kernels.py >> "$OUT/sanitizer.log" 2>&1
-  rc=$?
-  echo "$tool: exit $rc $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer.log" | tail -1)" | tee -a "$OUT/summary.txt"
-  [ $rc -eq 0 ] || status=1
+for stage in $stages; do
+  echo "== $stage ($(date -u +%H:%M:%S))" | tee -a "$OUT/summary.txt"
+  case "$stage" in
+    build)
+      { nvidia-smi; nvcc --version; "$PY" -c "import torch; print('torch', torch.__version__)"; } > "$OUT/build.log" 2>&1
+      if ! "$PY" setup.py build_ext --inplace >> "$OUT/build.log" 2>&1; then
+        tail -40 "$OUT/build.log"
+        exit 1
+      fi
+      grep -E "Compiling entry|registers|spill" "$OUT/build.log" | tail -60 >> "$OUT/summary.txt" || true
+      ;;
+    test)
+      "$PY" -m pytest python_tests -q -rs > "$OUT/tests.log" 2>&1 || status=1
+      tail -15 "$OUT/tests.log" | tee -a "$OUT/summary.txt"
+      ;;
+    sanitize)
+      : > "$OUT/sanitizer.log"
+      for tool in memcheck racecheck; do
+        compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" bench/sanitize_kernels.py >> "$OUT/sanitizer.log" 2>&1
+        rc=$?
+        echo "$tool: exit $rc; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer.log" | tail -1)" \
+          | tee -a "$OUT/summary.txt"
+        [ $rc -eq 0 ] || status=1
+      done
+      ;;
+    bench)
+      e2e="--e2e"
+      [ -n "${SKIP_E2E:-}" ] && e2e=""
+      "$PY" -m bench --device cuda --graph $e2e --out-dir "$OUT" > "$OUT/bench.log" 2>/dev/null || status=1
+      tee -a "$OUT/summary.txt" < "$OUT/bench.log"
+      ;;
+    *)
+      echo "unknown stage $stage (build, test, sanitize, bench)" >&2
+      exit 2
+      ;;
+  esac
 done
-
-echo "== benchmark" | tee -a "$OUT/summary.txt"
-e2e="--e2e"
-[ -n "${SKIP_E2E:-}" ] && e2e=""
-"$PY" -m bench --device cuda --graph $e2e --out-dir "$OUT" > "$OUT/bench.log" 2>/dev/null || status=1
-cat "$OUT/bench.log" | tee -a "$OUT/summary.txt"
 exit $status

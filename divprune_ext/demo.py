@@ -105,7 +105,8 @@ def diversity_figures(features: torch.Tensor, kept: torch.Tensor) -> dict:
     among_kept = dist[kept][:, kept].clone()
     among_kept.fill_diagonal_(float("inf"))
     to_nearest_kept = dist[:, kept].min(dim=1).values.clamp_min(0)
-    return {"min_pairwise_distance": among_kept.min().item() if len(kept) > 1 else float("nan"),
+    # Rounding can make the distance of identical patches -1e-7; report it as 0.
+    return {"min_pairwise_distance": max(0.0, among_kept.min().item()) if len(kept) > 1 else float("nan"),
             "coverage_mean": to_nearest_kept.mean().item(), "coverage_max": to_nearest_kept.max().item()}
 
 

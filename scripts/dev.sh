@@ -4,6 +4,7 @@
 #   bash scripts/dev.sh test     # the test suite (pytest python_tests)
 #   bash scripts/dev.sh demo     # the main job: DivPrune on built-in data
 #   bash scripts/dev.sh bench    # the benchmark suite (python -m bench)
+#   bash scripts/dev.sh build    # only install and build
 # Extra arguments go to the command run. FORCE_CUDA=1 makes a missing CUDA build an error.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,5 +37,6 @@ case "$job" in
   test) "$PY" -m pytest python_tests -q "$@" ;;
   demo) "$PY" -m divprune_ext.demo "$@" ;;
   bench) "$PY" -m bench "$@" ;;
-  *) echo "usage: bash scripts/dev.sh {test|demo|bench} [args...]" >&2; exit 2 ;;
+  build) ;;
+  *) echo "usage: bash scripts/dev.sh {test|demo|bench|build} [args...]" >&2; exit 2 ;;
 esac

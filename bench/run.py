@@ -18,12 +18,12 @@ import os
 import platform
 import statistics
 import sys
-import time
 
 import torch
 
 import divprune_ext
 from bench.seed_loop import seed_loop_select
+from bench.timing import time_us
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LLAVA_SHAPES = {  # name -> (B, M, D)
@@ -121,33 +121,6 @@ def build_cases(args):
     return cases
 
 
-def synchronize(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_us(fn, inputs, device, args):
-    """Per-call times in microseconds; rotates over `inputs`."""
-    for x in inputs[:2]:
-        fn(x)
-    synchronize(device)
-    times, start = [], time.perf_counter()
-    while len(times) < args.min_reps or (time.perf_counter() - start < args.budget and len(times) < args.max_reps):
-        x = inputs[len(times) % len(inputs)]
-        if device == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn(x)
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end) * 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn(x)
-            times.append((time.perf_counter() - t0) * 1e6)
-    return times
-
-
 def graph_replay(fn, x):
     """Captures fn(x) once; returns a callable that replays it (input fixed)."""
     stream = torch.cuda.Stream()
@@ -162,7 +135,8 @@ def graph_replay(fn, x):
 
 
 def summarize(times):
-    q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
+    # "inclusive": percentiles stay within the measured range (the default extrapolates).
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) >= 2 else [times[0]] * 9
     return {"median_us": statistics.median(times), "p10_us": q[0], "p90_us": q[-1], "reps": len(times)}
 
 
@@ -182,19 +156,28 @@ def run_case(name, shape, ratio, dtype_name, args, progress):
             continue
         fn = IMPLEMENTATIONS[impl]
         progress(f"{name} {dtype_name} keep {ratio:g}: {impl}")
-        if impl in SELECTIONS:
-            picks[impl] = fn(inputs[0], k).cpu()
-        variants = [(impl, lambda x, fn=fn: fn(x, k))]
+        labels = [impl]
         if args.graph and args.device == "cuda" and impl != "seed loop":
-            variants.append((impl + " (graph)", graph_replay(lambda x, fn=fn: fn(x, k), inputs[0])))
-        for label, call in variants:
+            labels.append(impl + " (graph)")
+        for label in labels:
             row = {"case": name, "shape": f"{b}x{m}x{d}", "B": b, "M": m, "D": d, "k": k, "keep_ratio": ratio,
                    "dtype": dtype_name, "device": args.device, "impl": label}
-            row.update(summarize(time_us(call, inputs, args.device, args)))
+            try:  # one failing implementation must not lose the others' results
+                if label == impl:
+                    call = lambda x, fn=fn: fn(x, k)  # noqa: E731
+                    if impl in SELECTIONS:
+                        picks[impl] = call(inputs[0]).cpu()
+                else:
+                    call = graph_replay(lambda x, fn=fn: fn(x, k), inputs[0])
+                row.update(summarize(time_us(call, inputs, args.device, args.budget, args.min_reps, args.max_reps)))
+            except Exception as e:  # noqa: BLE001
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                print(f"\n({label} failed on {name}: {row['error']})", file=sys.stderr)
             rows.append(row)
-    reference_time = next((r["median_us"] for r in rows if r["impl"] == "reference"), None)
+    reference_time = next((r["median_us"] for r in rows if r["impl"] == "reference" and "error" not in r), None)
     for row in rows:
-        row["speedup_vs_reference"] = reference_time / row["median_us"] if reference_time else None
+        timed = reference_time and "error" not in row
+        row["speedup_vs_reference"] = reference_time / row["median_us"] if timed else None
         base = row["impl"].removesuffix(" (graph)")
         row["same_picks_as_reference"] = (torch.equal(picks[base], picks["reference"])
                                           if "reference" in picks and base in picks else None)
@@ -219,8 +202,11 @@ def format_table(rows):
     for r in rows:
         speedup = f"{r['speedup_vs_reference']:.1f}x" if r["speedup_vs_reference"] else "-"
         same = {True: "yes", False: "no (near-tie)", None: "-"}[r["same_picks_as_reference"]]
-        lines.append([r["case"], r["shape"], str(r["k"]), r["dtype"], r["impl"], f"{r['median_us']:,.1f}",
-                      f"{r['p10_us']:,.0f}-{r['p90_us']:,.0f}", speedup, same])
+        if "error" in r:
+            timing = ["failed", r["error"][:40]]
+        else:
+            timing = [f"{r['median_us']:,.1f}", f"{r['p10_us']:,.0f}-{r['p90_us']:,.0f}"]
+        lines.append([r["case"], r["shape"], str(r["k"]), r["dtype"], r["impl"], *timing, speedup, same])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
@@ -235,9 +221,10 @@ def plot(rows, path):
     except ImportError:
         print("(no plot: pip install matplotlib)")
         return None
-    chosen = [r for r in rows if r["B"] == 1 and r["D"] == 4096 and r["keep_ratio"] == 0.1]
+    timed = [r for r in rows if "error" not in r]
+    chosen = [r for r in timed if r["B"] == 1 and r["D"] == 4096 and r["keep_ratio"] == 0.1]
     if not chosen:
-        chosen = [r for r in rows if r["B"] == 1]
+        chosen = [r for r in timed if r["B"] == 1]
     dtype = chosen[0]["dtype"] if chosen else None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for impl in dict.fromkeys(r["impl"] for r in chosen):

@@ -44,14 +44,16 @@ def greedy_select(dist: torch.Tensor, k: int) -> torch.Tensor:
     picked = torch.zeros(m, dtype=torch.bool, device=dist.device)
     min_dist = torch.full((m,), float("inf"), device=dist.device)
     # torch.argmax returns the first maximal index: ties go to the lowest index.
-    pick = nearest_other.argmax()
+    # `pick` stays a 1-element tensor: indexing with a 0-d tensor calls .item(),
+    # a host sync per step that would also break CUDA graph capture.
+    pick = nearest_other.argmax().view(1)
     for step in range(k):
-        picks[step] = pick
-        picked[pick] = True
+        picks[step] = pick[0]
+        picked.index_fill_(0, pick, True)
         if step + 1 == k:
             break
-        min_dist = torch.minimum(min_dist, dist[pick])
-        pick = min_dist.masked_fill(picked, float("-inf")).argmax()
+        min_dist = torch.minimum(min_dist, dist.index_select(0, pick)[0])
+        pick = min_dist.masked_fill(picked, float("-inf")).argmax().view(1)
     return picks
 
 

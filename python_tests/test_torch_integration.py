@@ -1,9 +1,11 @@
-"""opcheck, torch.compile tracing, and CUDA graph capture."""
+"""opcheck, torch.compile tracing, no host syncs, and CUDA graph capture."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import divprune_ext
 from conftest import requires_cuda
+from divprune_ext import reference
 
 
 @pytest.mark.parametrize("shape,k", [((30, 16), 5), ((3, 20, 7), 4), ((1, 8), 1)])
@@ -37,6 +39,60 @@ def test_torch_compile_fullgraph(device):
     compiled = torch.compile(prune_and_pool, fullgraph=True, backend="aot_eager")
     for got, expected in zip(compiled(tokens), prune_and_pool(tokens)):
         torch.testing.assert_close(got, expected)
+
+
+class HostSyncCounter(TorchDispatchMode):
+    """Counts tensor-to-Python-scalar reads (.item(), int(t), 0-d tensor indices):
+    on a GPU each is a host sync, and each breaks CUDA graph capture."""
+
+    def __init__(self):
+        super().__init__()
+        self.syncs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.syncs.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+GRAPH_SAFE = {
+    "op": lambda x: torch.ops.divprune.select(x, 9),
+    "select": lambda x: divprune_ext.select(x, keep_ratio=0.25, validate=False),
+    "prune": lambda x: divprune_ext.prune(x, keep_ratio=0.25, validate=False),
+    "reference": lambda x: reference.select(x, 9),
+}
+
+
+@pytest.mark.parametrize("name", GRAPH_SAFE)
+@pytest.mark.parametrize("batched", [False, True])
+def test_no_host_syncs(device, name, batched):
+    x = torch.randn((2, 36, 8) if batched else (36, 8), device=device)
+    with HostSyncCounter() as counter:
+        GRAPH_SAFE[name](x)
+    assert not counter.syncs, f"{name} reads {len(counter.syncs)} tensor values on the host"
+
+
+def test_validation_is_the_only_host_sync():
+    with HostSyncCounter() as counter:
+        divprune_ext.select(torch.randn(36, 8), 9)
+    assert len(counter.syncs) == 1
+
+
+@requires_cuda
+@pytest.mark.parametrize("name", GRAPH_SAFE)
+def test_graph_safe_functions_capture(name):
+    static_x = torch.randn(2, 100, 32, device="cuda")
+    fn = GRAPH_SAFE[name]
+    expected = fn(static_x)  # also the warm-up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = fn(static_x)
+    graph.replay()
+    torch.cuda.synchronize()
+    as_tuple = lambda out: out if isinstance(out, tuple) else (out,)  # noqa: E731
+    for got, want in zip(as_tuple(static_out), as_tuple(expected), strict=True):
+        assert torch.equal(got, want)
 
 
 @requires_cuda

@@ -1,0 +1,93 @@
+"""The benchmark suite's own code, on the CPU with tiny shapes and models: a GPU
+session must not be the first to run it."""
+import json
+
+import pytest
+import torch
+
+import divprune_ext
+from bench import e2e, run
+
+
+def run_bench(tmp_path, *extra):
+    run.main(["--device", "cpu", "--budget", "0", "--min-reps", "2", "--no-plot", "--out-dir", str(tmp_path),
+              *extra])
+    with open(tmp_path / "bench_results.json") as f:
+        return json.load(f)
+
+
+def test_bench_json_covers_every_case_and_checks_picks(tmp_path, capsys):
+    result = run_bench(tmp_path, "--shapes", "1x40x8,3x30x8", "--dtypes", "fp32,bf16", "--ratios", "0.1,0.5")
+    rows = result["results"]
+    assert result["environment"]["device"] == "cpu"
+    cases = {(r["shape"], r["dtype"], r["keep_ratio"]) for r in rows}
+    assert len(cases) == 2 * 2 * 2
+    for r in rows:
+        assert r["k"] == divprune_ext.keep_count(r["M"], r["keep_ratio"])
+        assert r["reps"] >= 2 and 0 < r["p10_us"] <= r["median_us"] <= r["p90_us"]
+        if r["impl"] in ("divprune_ext", "reference"):
+            assert r["same_picks_as_reference"] is True  # the CPU op is bit-identical to the reference
+        if r["impl"] == "reference":
+            assert r["speedup_vs_reference"] == 1.0
+    seed = [r for r in rows if r["impl"] == "seed loop"]
+    assert seed and all(r["B"] == 1 for r in seed)  # the seed snippet is batch size 1
+    assert "vs reference" in capsys.readouterr().out
+
+
+def test_seed_loop_is_a_faithful_baseline():
+    # Random inputs have no duplicate rows, where the seed snippet and the exact
+    # algorithm agree.
+    x = torch.randn(60, 16, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(run.seed_loop_select(x, 12), divprune_ext.reference.select(x, 12))
+
+
+def test_a_failing_implementation_is_reported_not_fatal(tmp_path, monkeypatch, capsys):
+    def broken(x, k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(run.IMPLEMENTATIONS, "broken", broken)
+    rows = run_bench(tmp_path, "--shapes", "1x20x4", "--dtypes", "fp32", "--ratios", "0.25",
+                    "--impls", "reference,broken,divprune_ext")["results"]
+    assert [r["impl"] for r in rows] == ["reference", "broken", "divprune_ext"]
+    assert rows[1]["error"] == "RuntimeError: boom" and rows[1]["speedup_vs_reference"] is None
+    assert "median_us" in rows[0] and "median_us" in rows[2]
+    assert "failed" in capsys.readouterr().out
+
+
+def test_bad_shape_is_one_line_error():
+    with pytest.raises(SystemExit, match="bad shape '1x0x8'"):
+        run.parse_shape("1x0x8")
+
+
+transformers = pytest.importorskip("transformers", reason="e2e needs transformers")
+
+
+def tiny_llama_config():
+    return transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=4, vocab_size=100, max_position_embeddings=512)
+
+
+def test_e2e_prefill_runs_on_a_tiny_model():
+    rows = e2e.prefill_benchmark("cpu", visual_counts=(40, 90), text_tokens=8, config=tiny_llama_config(),
+                                 dtype=torch.float32, reps=2)
+    assert [r["kept"] for r in rows] == [4, 9]
+    for r in rows:
+        assert r["prefill_full_ms"] > 0 and r["prefill_pruned_ms"] > 0 and r["select_ms"] > 0
+        assert r["select_pct_of_pruned_prefill"] == pytest.approx(100 * r["select_ms"] / r["prefill_pruned_ms"])
+
+
+def test_e2e_llava_prefill_runs_on_a_tiny_model():
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, image_size=28, patch_size=7)
+    config = transformers.LlavaConfig(vision_config=vision.to_dict(), text_config=tiny_llama_config().to_dict(),
+                                      image_token_id=99, vision_feature_layer=-1)
+    row = e2e.llava_prefill_benchmark("cpu", keep_ratio=0.25, text_tokens=8, config=config, dtype=torch.float32,
+                                      reps=2)
+    assert (row["visual_tokens"], row["kept"]) == (16, 4)
+    assert min(row["prefill_full_ms"], row["prefill_with_helper_ms"], row["llm_prefill_pruned_ms"]) > 0
+
+
+def test_e2e_full_size_models_skip_without_a_gpu(capsys):
+    assert e2e.prefill_benchmark("cpu") is None
+    assert e2e.llava_prefill_benchmark("cpu") is None
+    assert "needs a GPU" in capsys.readouterr().out

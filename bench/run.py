@@ -9,7 +9,7 @@ pure-torch reference and the seed snippet's loop, in one run.
 Times are per call (the whole selection, distances included): CUDA events on a
 GPU, perf_counter on the CPU; after warm-up, the median and 10th-90th percentile
 of many runs, rotating over several inputs so caches don't flatter small cases.
-Writes a table to stdout, and JSON + a PNG plot to --out-dir.
+Writes a table to stdout, and JSON, a markdown summary and a PNG plot to --out-dir.
 """
 import argparse
 import datetime
@@ -23,6 +23,7 @@ import torch
 
 import divprune_ext
 from bench.seed_loop import seed_loop_select
+from bench.summarize import markdown_summary
 from bench.timing import time_us
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -269,6 +270,10 @@ def main(argv=None):
     with open(json_path, "w") as f:
         json.dump(result, f, indent=1)
     print(f"\nwrote {json_path}")
+    summary_path = os.path.join(args.out_dir, "bench_summary.md")
+    with open(summary_path, "w") as f:
+        f.write(markdown_summary(result))
+    print(f"wrote {summary_path}")
     if not args.no_plot:
         png = plot(rows, os.path.join(args.out_dir, "bench_time_vs_m.png"))
         if png:

@@ -32,6 +32,8 @@ def test_bench_json_covers_every_case_and_checks_picks(tmp_path, capsys):
     seed = [r for r in rows if r["impl"] == "seed loop"]
     assert seed and all(r["B"] == 1 for r in seed)  # the seed snippet is batch size 1
     assert "vs reference" in capsys.readouterr().out
+    summary = (tmp_path / "bench_summary.md").read_text()
+    assert "| 1×40×8 (4) |" in summary and "| 3×30×8 (3) |" in summary and "fp32, keep 10%" in summary
 
 
 def test_seed_loop_is_a_faithful_baseline():
@@ -52,6 +54,7 @@ def test_a_failing_implementation_is_reported_not_fatal(tmp_path, monkeypatch, c
     assert rows[1]["error"] == "RuntimeError: boom" and rows[1]["speedup_vs_reference"] is None
     assert "median_us" in rows[0] and "median_us" in rows[2]
     assert "failed" in capsys.readouterr().out
+    assert "Failed: broken on 1x20x4 fp32: RuntimeError: boom" in (tmp_path / "bench_summary.md").read_text()
 
 
 def test_bad_shape_is_one_line_error():

@@ -27,7 +27,7 @@ def test_llava_sized(device, dtype, kind):
     assert_matches_reference(x, torch.ops.divprune.select(x, 57))
 
 
-@pytest.mark.parametrize("m", [1023, 1025, 2049, 4100, 16500])
+@pytest.mark.parametrize("m", [1023, 1025, 2049, 4100, 10000, 16500])
 def test_many_tokens(device, m):
     # Past 1024 tokens a CUDA thread owns several candidates; from 16384 the CPU
     # splits each greedy step over threads.
@@ -77,6 +77,27 @@ def test_non_contiguous(device, dtype):
         picks = torch.ops.divprune.select(x, 9)
         assert_matches_reference(x, picks)
         assert torch.equal(picks.cpu(), torch.ops.divprune.select(x.contiguous(), 9).cpu())
+
+
+def test_unaligned_data_pointer(device, dtype):
+    # A contiguous view 3 elements into its storage: the CUDA kernels must not use
+    # 16-byte vector loads on it.
+    storage = make_input("random", 1, 100 * 64 + 3, seed=6).to(device=device, dtype=dtype).flatten()
+    x = storage[3:].view(100, 64)
+    assert x.is_contiguous() and x.storage_offset() == 3
+    picks = torch.ops.divprune.select(x, 10)
+    assert_matches_reference(x, picks)
+    assert torch.equal(picks, torch.ops.divprune.select(x.clone(), 10))
+
+
+def test_more_items_than_one_launch_takes(device):
+    # CUDA grids hold at most 65,535 items in z: larger batches take several launches.
+    x = torch.randn(65_535 + 9, 3, 4, generator=torch.Generator().manual_seed(0)).to(device)
+    picks = torch.ops.divprune.select(x, 2)
+    dist = torch.ops.divprune.pairwise_distance(x)
+    for part in (slice(0, 9), slice(65_530, None)):
+        assert torch.equal(picks[part], torch.ops.divprune.select(x[part], 2))
+        assert torch.equal(dist[part], torch.ops.divprune.pairwise_distance(x[part]))
 
 
 def test_one_hot_ties_go_to_lowest_index(device, dtype):

@@ -13,7 +13,9 @@ Switches (environment variables):
 import glob
 import os
 import shutil
+import site
 import sys
+import sysconfig
 
 from setuptools import find_packages, setup
 
@@ -40,14 +42,29 @@ cuda_home = find_cuda_home()
 if cuda_home:
     os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import
 
+def import_installed_torch():
+    """The extension must be compiled against the torch it will run with. pip's
+    build isolation hides the installed packages (and would fetch another torch if
+    asked), so look for torch in this interpreter's own site-packages as well,
+    after the isolated build tools."""
+    try:
+        import torch
+    except ImportError:
+        paths = sysconfig.get_paths()
+        installed = [p for p in dict.fromkeys([paths["purelib"], paths["platlib"], *site.getsitepackages()])
+                     if os.path.isdir(os.path.join(p, "torch"))]
+        if not installed:
+            raise
+        sys.path.extend(installed)
+        import torch
+    return torch
+
+
 try:
-    import torch
+    torch = import_installed_torch()
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 except ImportError:
-    sys.exit(
-        "divprune_ext builds against the torch already installed: install torch first, then "
-        "`pip install --no-build-isolation .`"
-    )
+    sys.exit("divprune_ext builds against the installed torch: install torch first (pip install torch)")
 
 
 def flag(name):

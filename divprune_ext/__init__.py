@@ -48,10 +48,16 @@ def _check_tensor(x, name: str) -> None:
 
 
 def _check_finite(x: torch.Tensor, name: str) -> None:
-    bad_rows = (~torch.isfinite(x)).any(dim=-1)
+    # One float32 pass over x, like the kernels' own norms: a NaN/Inf entry, or a row
+    # whose squared norm overflows float32 (|row| > ~1.8e19), makes the norm non-finite
+    # and every distance of that row NaN.
+    bad_rows = ~torch.isfinite(torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32))
     if bad_rows.any():
         where = bad_rows.nonzero()[0].tolist()
         position = f"row {where[-1]}" + (f" of batch item {where[0]}" if x.dim() == 3 else "")
+        if torch.isfinite(x[tuple(where)]).all():
+            raise ValueError(f"{name} has a row whose L2 norm overflows float32 (first at {position}); scale the "
+                             "features down: the selection depends only on their directions")
         raise ValueError(f"{name} contains NaN or Inf (first at {position}); "
                          "pass validate=False to skip this check")
 
@@ -77,7 +83,8 @@ def select(x: torch.Tensor, k: Optional[int] = None, *, keep_ratio: Optional[flo
         k: how many tokens to keep per item, 1 <= k <= M.
         keep_ratio: alternatively, the fraction to keep: ``k = max(1, round(M * keep_ratio))``.
         sorted: return the indices in ascending (original token) order instead of selection order.
-        validate: check for NaN/Inf first. The check reads the data back to the host;
+        validate: check for NaN/Inf, and for rows too large for float32 norms, first.
+            The check reads a flag back to the host;
             pass False inside a CUDA graph or when the input is known to be finite.
 
     Returns:

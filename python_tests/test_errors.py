@@ -88,6 +88,18 @@ def test_non_finite_input_raises(device, bad):
     assert all(len(set(p)) == 3 for p in picks.tolist())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_norm_overflow_raises(device, dtype):
+    # Finite entries whose squared norm exceeds float32's range: every distance of
+    # the row would be NaN.
+    x = torch.randn(3, 8, device=device).to(dtype)
+    x[1] = 1e20
+    with pytest.raises(ValueError, match=r"x has a row whose L2 norm overflows float32 \(first at row 1\)"):
+        divprune_ext.select(x, 2)
+    x[1] = 1e18  # squared norm 8e36: fine
+    assert divprune_ext.select(x, 3).shape == (3,)
+
+
 def test_not_a_tensor():
     with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
         divprune_ext.select([[1.0, 2.0]], 1)

@@ -42,6 +42,7 @@ cuda_home = find_cuda_home()
 if cuda_home:
     os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import
 
+
 def import_installed_torch():
     """The extension must be compiled against the torch it will run with. pip's
     build isolation hides the installed packages (and would fetch another torch if

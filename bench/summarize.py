@@ -30,6 +30,12 @@ def machine(env):
     return f"{env.get('cpu', 'CPU')} CPU, {env.get('cpu_threads', '?')} threads, torch {env['torch']}"
 
 
+def cell(row):
+    if row is None:
+        return "—"
+    return "failed" if "error" in row else format_time(row["median_us"])
+
+
 def markdown_summary(result):
     env, results = result["environment"], result["results"]
     rows, dtype = headline_rows(results)
@@ -41,8 +47,7 @@ def markdown_summary(result):
     for shape in dict.fromkeys(r["shape"] for r in rows):
         by_impl = {r["impl"]: r for r in rows if r["shape"] == shape}
         first = next(iter(by_impl.values()))
-        cells = [("failed" if "error" in by_impl[i] else format_time(by_impl[i]["median_us"])) if i in by_impl else "—"
-                 for i in impls]
+        cells = [cell(by_impl.get(i)) for i in impls]
         op = by_impl.get("divprune_ext", {})
         speedup = f"{op['speedup_vs_reference']:.1f}×" if op.get("speedup_vs_reference") else "—"
         lines.append(f"| {shape.replace('x', '×')} ({first['k']}) | " + " | ".join(cells) + f" | {speedup} |")

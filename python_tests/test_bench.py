@@ -7,6 +7,7 @@ import torch
 
 import divprune_ext
 from bench import e2e, run
+from bench.seed_loop import seed_loop_select
 
 
 def run_bench(tmp_path, *extra):
@@ -40,7 +41,7 @@ def test_seed_loop_is_a_faithful_baseline():
     # Random inputs have no duplicate rows, where the seed snippet and the exact
     # algorithm agree.
     x = torch.randn(60, 16, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(run.seed_loop_select(x, 12), divprune_ext.reference.select(x, 12))
+    assert torch.equal(seed_loop_select(x, 12), divprune_ext.reference.select(x, 12))
 
 
 def test_a_failing_implementation_is_reported_not_fatal(tmp_path, monkeypatch, capsys):

@@ -3,7 +3,7 @@
 The models are built from configs with random weights (no download), by default
 LLaMA-7B / LLaVA-1.5-7B shapes in fp16 on the GPU (about 15 GB of GPU memory).
 Visual tokens sit before a 64-token prompt, as in LLaVA. Tests run the same code
-on the CPU with tiny configs (`config=`), so a GPU session never meets it untried.
+on the CPU with tiny configs (`config=`), so a GPU run never meets it untried.
 """
 import statistics
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything a GPU session must prove: build, the full test suite, compute-sanitizer
+# Everything a GPU run must prove: build, the full test suite, compute-sanitizer
 # (memcheck + racecheck) over every kernel, the benchmark with CUDA graphs and the
 # end-to-end prefill. Results go to $OUT (default bench/out/gpu), at most 8 files, so
 # the device tool brings them all back.

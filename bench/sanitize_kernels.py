@@ -4,7 +4,7 @@
     compute-sanitizer --tool racecheck python bench/sanitize_kernels.py
 
 Covers: fp32 (FMA core) and fp16/bf16 (tensor-core core), with and without the
-split-D reduction, edge tiles (M, D not multiples of the tile), batches, every
+split-D reduction (and one CTA folding several chunks), edge tiles (M, D not multiples of the tile), batches, every
 greedy register width up to 4 items per thread, M = 1 and k = M.
 """
 import torch
@@ -17,6 +17,7 @@ CASES = [  # (B, M, D, k)
     (2, 130, 1000, 13),    # split-D, unaligned D
     (1, 576, 1024, 57),    # split-D, vector loads
     (3, 200, 136, 20),     # batch, no split
+    (8, 576, 600, 57),     # enough tiles not to split: one CTA folds three chunks
     (1, 3000, 40, 300),    # several candidates per greedy thread
 ]
 

@@ -1,5 +1,5 @@
-"""The benchmark suite's own code, on the CPU with tiny shapes and models: a GPU
-session must not be the first to run it."""
+"""The benchmark suite's own code, on the CPU with tiny shapes and models, so that a
+run of `bash bench/gpu_check.sh` on a GPU never meets it untried."""
 import json
 
 import pytest

@@ -23,6 +23,17 @@ def test_too_many_tokens():
         torch.ops.divprune.select(x, 1)
 
 
+def test_pairwise_distance_has_no_token_limit():
+    # Only the greedy kernel needs M <= 65,536; the distance kernels take any M.
+    x = torch.randn(65_600, 2, device="cuda")
+    dist = torch.ops.divprune.pairwise_distance(x)
+    assert dist.shape == (65_600, 65_600)
+    unit = torch.nn.functional.normalize(x)
+    for row in (0, 65_599):
+        torch.testing.assert_close(dist[row], 1 - unit @ unit[row], rtol=0, atol=1e-5)
+    del dist
+
+
 def test_out_of_memory_names_the_bytes():
     x = torch.randn(64, 65_536, 1, device="cuda")
     need = 64 * 65_536 * 65_536 * 4

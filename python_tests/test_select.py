@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import divprune_ext
+from conftest import requires_cuda
 from divprune_ext import reference
 from helpers import INPUT_KINDS, assert_matches_reference, assert_max_min_greedy, make_input
 
@@ -156,3 +157,29 @@ def test_checker_rejects_wrong_picks():
     for bad in (picks.flip(0), torch.cat([picks[:5], picks[:5]]), torch.arange(10)):
         with pytest.raises(AssertionError):
             assert_max_min_greedy(dist, bad, tol=1e-6)
+
+
+@requires_cuda
+def test_nan_ranks_like_the_cpu_op(dtype):
+    # The raw op doesn't check its input; both devices rank a NaN distance the same way.
+    # One-hot rows: every finite distance is exactly 1, so only the rules decide.
+    x = make_input("one_hot", 40, 64)
+    x[5] = float("nan")
+    x[17, 3] = float("nan")
+    x[30, 2] = float("inf")
+    for item in (torch.tensor([[1.0, 0.0], [float("nan"), 0.0], [0.0, 1.0]]), x):
+        item = item.to(dtype)
+        expected = torch.ops.divprune.select(item, len(item))
+        assert torch.equal(torch.ops.divprune.select(item.to("cuda"), len(item)).cpu(), expected)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_batch_invariance(dtype):
+    # The D reduction's order depends on D alone, not on the batch or the GPU's SM count
+    # (which decide split-D): an item gives the same bits batched or alone.
+    x = make_input("clusters", 300, 1000, seed=12, batch=5).to(device="cuda", dtype=dtype)
+    picks, dist = torch.ops.divprune.select(x, 60), torch.ops.divprune.pairwise_distance(x)
+    for i in range(len(x)):
+        assert torch.equal(torch.ops.divprune.select(x[i], 60), picks[i])
+        assert torch.equal(torch.ops.divprune.pairwise_distance(x[i:i + 2]), dist[i:i + 2])

@@ -1,0 +1,85 @@
+// How the CUDA kernels are launched for one problem: plain C++, no CUDA or ATen,
+// so the CUDA launcher (divprune_cuda.cu) and the host SIMT runtime (csrc/simt/)
+// take their grids, split counts and greedy widths from the same function.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+namespace divprune {
+namespace kernels {
+
+constexpr int kTile = 64;  // Gram tile edge, rows and columns
+// The D reduction runs in chunks of this many features, each summed from zero and
+// then added to the tile's total in chunk order, whether the chunks run in one CTA
+// or in separate CTAs (split-D). The order depends on D alone, so an item's
+// distances are the same bits whatever the batch size or the GPU.
+constexpr int64_t kChunkFeatures = 256;
+// The greedy kernel keeps up to this many candidates per thread in registers.
+constexpr int kMaxCandidatesPerThread = 64;
+constexpr int kMaxGreedyThreads = 1024;
+constexpr int64_t kMaxGridZ = 65535;
+constexpr int kNormThreads = 256;  // one warp per row
+
+enum class DType { Float32, Float16, BFloat16 };
+enum class TileCore { Fma, TensorCore };
+
+// What the launcher knows about the device.
+struct DeviceLimits {
+  int multiprocessors = 1;
+  // The PTX version (x10) the tensor-core kernel was compiled for, as loaded on this
+  // device: below 80 its tensor-core branch is compiled out (see TensorCoreCore).
+  int tensor_core_ptx_version = 0;
+  int max_greedy_threads = kMaxGreedyThreads;  // smaller values reach the wide greedy paths at small M
+};
+
+struct LaunchPlan {
+  // Row norms: one warp per row.
+  int64_t norm_blocks = 0;
+  // Distance tiles: grid (tiles_per_side, tiles_per_side, items_per_launch * splits).
+  TileCore core = TileCore::Fma;
+  int64_t tiles_per_side = 0;
+  int64_t tiles = 0;       // upper-triangular tiles over the whole batch
+  int64_t tile_slots = 0;  // batch * tiles_per_side^2: split counters and workspace index
+  int64_t chunks = 0;      // ceil(D / kChunkFeatures)
+  int splits = 1;          // 1: a CTA folds all chunks; else one CTA per chunk (splits == chunks)
+  int64_t items_per_launch = 0;
+  // Greedy selection: one CTA per item, `greedy_width` candidates per thread.
+  int greedy_threads = 0;
+  int greedy_width = 0;  // 1, 2, 4, ..., 64; 0 when M is beyond the greedy kernel
+};
+
+inline bool has_tensor_cores(const DeviceLimits& device) { return device.tensor_core_ptx_version >= 80; }
+
+// Candidates per greedy thread, rounded up to a power of two (the kernel's template
+// widths); 0 if more than kMaxCandidatesPerThread are needed.
+inline int greedy_width_for(int64_t rows, int64_t threads) {
+  const int64_t per_thread = (rows + threads - 1) / threads;
+  int width = 1;
+  while (width < per_thread) width *= 2;
+  return width <= kMaxCandidatesPerThread ? width : 0;
+}
+
+inline LaunchPlan make_launch_plan(int64_t batch, int64_t rows, int64_t dim, DType dtype,
+                                   const DeviceLimits& device) {
+  LaunchPlan plan;
+  plan.norm_blocks = std::max<int64_t>((batch * rows * 32 + kNormThreads - 1) / kNormThreads, 1);
+
+  plan.core = dtype != DType::Float32 && has_tensor_cores(device) ? TileCore::TensorCore : TileCore::Fma;
+  plan.tiles_per_side = (rows + kTile - 1) / kTile;
+  plan.tiles = batch * plan.tiles_per_side * (plan.tiles_per_side + 1) / 2;
+  plan.tile_slots = batch * plan.tiles_per_side * plan.tiles_per_side;
+  plan.chunks = (dim + kChunkFeatures - 1) / kChunkFeatures;
+  // Too few tiles for two per multiprocessor: give every chunk its own CTA.
+  const bool split = plan.chunks > 1 && plan.chunks <= kMaxGridZ && plan.tiles < 2 * int64_t(device.multiprocessors);
+  plan.splits = split ? int(plan.chunks) : 1;
+  plan.items_per_launch = kMaxGridZ / plan.splits;
+
+  const int64_t warps_needed = (rows + 31) / 32;
+  plan.greedy_threads = int(std::min<int64_t>(warps_needed * 32, device.max_greedy_threads));
+  plan.greedy_width = greedy_width_for(rows, plan.greedy_threads);
+  return plan;
+}
+
+}  // namespace kernels
+}  // namespace divprune

@@ -1,0 +1,211 @@
+"""The CUDA kernels, run on the CPU by the host SIMT runtime (csrc/simt/), held to the
+reference: every dtype and core, split-D and unsplit, every greedy width, edge tiles,
+misaligned inputs, adversarial inputs, shuffled interleavings, NaN handling, the launch
+plan, and the runtime's own bug detectors. No GPU needed; see python_tests/simt_kernels.py.
+"""
+import re
+import subprocess
+
+import pytest
+import torch
+
+import simt_kernels
+from helpers import INPUT_KINDS, assert_device_selection, make_input
+from simt_kernels import KernelError, plan, run_kernels
+
+# (dtype, core, the PTX version that makes the plan choose that core)
+CORES = [
+    pytest.param(torch.float32, "fma", 90, id="float32"),
+    pytest.param(torch.float16, "tensor", 90, id="float16-tensor"),
+    pytest.param(torch.float16, "fma", 75, id="float16-fma"),
+    pytest.param(torch.bfloat16, "tensor", 80, id="bfloat16-tensor"),
+    pytest.param(torch.bfloat16, "fma", 75, id="bfloat16-fma"),
+]
+
+
+@pytest.fixture(scope="module")
+def runner():
+    return simt_kernels.build_runner()
+
+
+def check_run(x: torch.Tensor, run, k: int) -> None:
+    """Every property of one run of the kernels on x (B, M, D)."""
+    dist, picks = run.dist, run.picks
+    finite = torch.isfinite(x).all()
+    if finite:
+        assert not dist.isnan().any(), "a distance was never written (still the runtime's NaN poison)"
+    assert torch.equal(dist, dist.transpose(-2, -1)), "the distance matrix is not exactly symmetric"
+    # Row minima over the other rows, NaN-propagating like torch.min.
+    off_diagonal = dist.clone()
+    off_diagonal.diagonal(0, -2, -1).fill_(float("inf"))
+    expected_min = off_diagonal.min(dim=-1).values
+    assert torch.equal(run.row_min.isnan(), expected_min.isnan())
+    assert torch.equal(run.row_min.nan_to_num(), expected_min.nan_to_num()), "row minima differ from the matrix"
+    if finite:
+        assert picks.shape == (x.shape[0], k)
+        assert_device_selection(x, dist, picks)
+
+
+@pytest.mark.parametrize("dtype,core,ptx", CORES)
+@pytest.mark.parametrize("m,d,kind,sms", [
+    (1, 8, "random", 132),
+    (2, 5, "random", 132),             # D below one stage, not a multiple of 8
+    (63, 64, "duplicates", 132),       # two tensor-core stages
+    (64, 300, "clusters", 132),        # split-D: two chunks, the second partial
+    (65, 257, "zero_rows", 1),         # one CTA folds two chunks; an edge tile of one row
+    (100, 72, "one_hot", 132),         # every distance ties
+    (130, 100, "multiples", 132),
+    (576, 512, "random", 132),         # LLaVA-1.5's token count
+    (1000, 40, "integer_grid", 132),   # many equal distances, 16 x 16 tiles
+])
+def test_matches_reference(runner, dtype, core, ptx, m, d, kind, sms):
+    x = make_input(kind, m, d, seed=m + d, batch=1).to(dtype)
+    k = min(max(1, m // 3), 100)
+    run = run_kernels(runner, x, k, sms=sms, ptx_version=ptx)
+    assert run.plan["core"] == core
+    check_run(x, run, k)
+
+
+@pytest.mark.parametrize("dtype,core,ptx", CORES)
+def test_split_and_batch_invariance(runner, dtype, core, ptx):
+    # The D reduction's order depends on D alone: split-D or not (the SM count decides),
+    # batched or alone, with shuffled CTAs and interleavings, every item's distances
+    # and picks are the same bits.
+    x = make_input("clusters", 90, 600, seed=1, batch=3).to(dtype)
+    batched_split = run_kernels(runner, x, 40, sms=1000, ptx_version=ptx, seed=1)
+    batched_whole = run_kernels(runner, x, 40, sms=1, ptx_version=ptx, seed=2)
+    assert (batched_split.plan["splits"], batched_whole.plan["splits"]) == (3, 1)
+    check_run(x, batched_split, 40)
+    for i in range(3):
+        alone = run_kernels(runner, x[i:i + 1], 40, sms=1000 if i % 2 else 1, ptx_version=ptx, seed=3 + i)
+        for run in (batched_whole, alone):
+            b = 0 if run is alone else i
+            assert torch.equal(run.dist[b], batched_split.dist[i]), f"item {i}: distances differ"
+            assert torch.equal(run.picks[b], batched_split.picks[i]), f"item {i}: picks differ"
+
+
+@pytest.mark.parametrize("m,width", [(20, 1), (50, 2), (100, 4), (200, 8), (300, 16), (600, 32), (1100, 64)])
+def test_every_greedy_width(runner, m, width):
+    # A 32-thread greedy block reaches every register width at small M.
+    x = make_input("random", m, 8, seed=m, batch=1)
+    run = run_kernels(runner, x, m // 2, max_threads=32, seed=m)
+    assert (run.plan["greedy_threads"], run.plan["greedy_width"]) == (32, width)
+    check_run(x, run, m // 2)
+
+
+def test_greedy_block_of_1024_threads(runner):
+    x = make_input("duplicates", 1025, 8, seed=4, batch=1)
+    run = run_kernels(runner, x, 300, seed=9)
+    assert (run.plan["greedy_threads"], run.plan["greedy_width"]) == (1024, 2)
+    check_run(x, run, 300)
+
+
+@pytest.mark.parametrize("dtype,core,ptx", CORES)
+@pytest.mark.parametrize("d", [64, 100])
+def test_misaligned_input(runner, dtype, core, ptx, d):
+    # 3 elements into the buffer (and D = 100 not a multiple of 8): no 16-byte loads;
+    # the runtime stops a misaligned one.
+    x = make_input("random", 70, d, seed=d, batch=2).to(dtype)
+    shifted = run_kernels(runner, x, 20, ptx_version=ptx, offset=3)
+    check_run(x, shifted, 20)
+    aligned = run_kernels(runner, x, 20, ptx_version=ptx)
+    assert torch.equal(shifted.dist, aligned.dist) and torch.equal(shifted.picks, aligned.picks)
+
+
+@pytest.mark.parametrize("dtype,core,ptx", CORES)
+@pytest.mark.parametrize("kind", INPUT_KINDS)
+def test_every_input_kind_batched(runner, dtype, core, ptx, kind):
+    x = make_input(kind, 65, 300, seed=7, batch=2).to(dtype)
+    run = run_kernels(runner, x, 65, ptx_version=ptx, seed=11)
+    check_run(x, run, 65)
+    if kind == "duplicates":  # exact copies score 0 after their twin: never picked twice
+        assert all(len(set(p)) == 65 for p in run.picks.tolist())
+
+
+@pytest.mark.parametrize("dtype,core,ptx", CORES)
+def test_nan_and_inf_rank_like_the_cpu_op(runner, dtype, core, ptx):
+    # The raw op doesn't check its input; NaN distances must rank the same on both devices.
+    small = torch.tensor([[1.0, 0.0], [float("nan"), 0.0], [0.0, 1.0]])
+    ties = make_input("one_hot", 40, 64)  # every distance exactly 1: picks decided by the rules alone
+    ties[5] = float("nan")
+    ties[17, 3] = float("nan")
+    ties[30, 2] = float("inf")
+    for x in (small, ties):
+        x = x.to(dtype)
+        run = run_kernels(runner, x, len(x), ptx_version=ptx, seed=5)
+        assert torch.equal(run.picks, torch.ops.divprune.select(x, len(x))), "CUDA kernels and CPU op disagree"
+
+
+def test_ties_go_to_the_lowest_index(runner):
+    x = make_input("one_hot", 40, 64)
+    assert run_kernels(runner, x, 40, seed=2).picks.tolist() == list(range(40))
+
+
+def test_plan_chooses_the_core_by_the_loaded_code(runner):
+    # Built for sm_75 only ("7.5+PTX"), the tensor-core kernel's JIT-compiled PTX is its
+    # __trap() branch: 16-bit inputs must take the FMA core there.
+    for dtype in (torch.float16, torch.bfloat16):
+        assert plan(runner, 1, 64, 64, dtype, ptx_version=75)["core"] == "fma"
+        assert plan(runner, 1, 64, 64, dtype, ptx_version=80)["core"] == "tensor"
+    assert plan(runner, 1, 64, 64, torch.float32, ptx_version=90)["core"] == "fma"
+
+
+def test_plan_spreads_large_batches_over_launches(runner):
+    # Grid z holds at most 65,535 items x splits; the runtime rejects larger grids.
+    def tile_grids(p):
+        return [launch["grid"] for launch in p["launches"] if launch["kernel"] == "distance_tile_kernel"]
+
+    assert tile_grids(plan(runner, 70_000, 3, 4)) == [[1, 1, 65_535], [1, 1, 4_465]]
+    split = plan(runner, 30_000, 3, 600, sms=100_000)
+    assert split["splits"] == 3 and tile_grids(split) == [[1, 1, 65_535], [1, 1, (30_000 - 21_845) * 3]]
+
+
+def test_plan_greedy_limits(runner):
+    assert plan(runner, 1, 33, 4, k=1)["greedy_threads"] == 64
+    assert plan(runner, 1, 65_536, 1, k=1)["greedy_width"] == 64
+    assert plan(runner, 1, 65_537, 1)["greedy_width"] == 0
+    with pytest.raises(KernelError, match="beyond the greedy kernel"):
+        plan(runner, 1, 65_537, 1, k=1)
+
+
+@pytest.mark.parametrize("name,report", [
+    ("divergent_barriers", r"barrier divergence: thread \(0, 0, 0\) waits at __syncthreads\(\) at .*, thread \(16"),
+    ("exit_before_barrier", r"31 threads wait at __syncthreads\(\) at .* but 1 have exited \(first: thread \(5"),
+    ("lanes_disagree_on_mask", "deadlock in CTA .* 16 of 32 threads have exited"),
+    ("mask_leaves_out_caller", "mask 0xfffffffe leaves out the calling lane 0"),
+    ("source_outside_mask", "lane 0 reads lane 16, which is not in the mask 0x0000ffff"),
+    ("shuffle_against_barrier", "deadlock in CTA"),
+    ("shared_out_of_bounds", "AddressSanitizer: heap-buffer-overflow"),
+    ("global_out_of_bounds", "AddressSanitizer: heap-buffer-overflow"),
+    ("misaligned_vector_load", "__ldg of a 16-byte type from misaligned address"),
+    ("mma_in_partial_warp", "names lanes of warp 1 that do not exist"),
+])
+def test_runtime_stops_broken_kernels(runner, name, report):
+    result = simt_kernels.self_test(runner, name)
+    assert result.returncode != 0
+    assert re.search(report, result.stderr), result.stderr[-3000:]
+
+
+def test_runtime_poisons_shared_memory(runner):
+    result = simt_kernels.self_test(runner, "read_unwritten_shared")
+    values = result.stdout.split()
+    assert result.returncode == 0 and values[:32] == ["1"] * 32 and all("nan" in v for v in values[32:])
+
+
+def test_seeds_expose_a_missing_barrier(runner):
+    outputs = {subprocess.run([runner, "--self-test", "missing_barrier", "--seed", str(seed)],
+                                           capture_output=True, text=True, check=True).stdout for seed in range(4)}
+    assert len(outputs) > 1, "shuffled interleavings never changed a racy kernel's output"
+
+
+def test_checker_catches_a_wrong_run(runner):
+    # check_run itself must be able to fail: a swapped pick, an unwritten distance.
+    x = make_input("random", 50, 16, seed=1, batch=1)
+    run = run_kernels(runner, x, 10)
+    run.picks = run.picks.flip(-1)
+    with pytest.raises(AssertionError):
+        check_run(x, run, 10)
+    run = run_kernels(runner, x, 10)
+    run.dist[0, 3, 4] = run.dist[0, 4, 3] = float("nan")
+    with pytest.raises(AssertionError):
+        check_run(x, run, 10)

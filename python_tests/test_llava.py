@@ -8,7 +8,8 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="llava extra: pip install transformers")
 import divprune_ext  # noqa: E402
-from divprune_ext import llava  # noqa: E402
+from divprune_ext import hf, llava  # noqa: E402
+from hf_tiny import one_thread  # noqa: E402,F401
 
 IMAGE_TOKEN, VIDEO_TOKEN, PAD = 99, 98, 0
 GRID = [[28, 28], [28, 56], [56, 28], [56, 56]]
@@ -49,9 +50,9 @@ def pixel_inputs(model, kind, images, videos=0, seed=0):
         patches = [image_size_to_num_patches(s.tolist(), GRID, 28) for s in sizes]
         inputs["pixel_values"] = torch.randn(images, max(patches), 3, 28, 28, generator=g, dtype=torch.float64)
         inputs["image_sizes"] = sizes
-        features = model.model.get_image_features(inputs["pixel_values"], sizes, vision_feature_layer=-1,
-                                                  vision_feature_select_strategy="default")
-        counts += [len(f) for f in llava._as_list(features)]
+        ids = torch.zeros(1, 1, dtype=torch.long)
+        counts += [len(v.features) for v in hf.visual_features(model, ids, pixel_values=inputs["pixel_values"],
+                                                                image_sizes=sizes)]
     if videos:
         inputs["pixel_values_videos"] = torch.randn(videos, 4, 3, 28, 28, generator=g, dtype=torch.float64)
     return inputs, counts
@@ -130,7 +131,7 @@ def test_prefill_shrinks_by_the_pruned_tokens(kind_and_model, keep_ratio):
 def test_kept_features_are_the_selected_ones(kind_and_model, order):
     kind, model = kind_and_model
     inputs, counts = batch_for(model, kind, images_per_row=(1,))
-    features = llava._visual_features(model, inputs["pixel_values"], inputs.get("image_sizes"), None)[0][1][0]
+    features = hf.visual_features(model, **inputs)[0].features
     picks = torch.ops.divprune.select(features.float(), divprune_ext.keep_count(counts[0], 0.25))
     expected = features[picks if order == "selection" else picks.sort().values]
     pruned = llava.prune_inputs(model, **inputs, keep_ratio=0.25, order=order)

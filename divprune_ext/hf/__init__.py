@@ -1,0 +1,33 @@
+"""DivPrune for Hugging Face ``transformers`` vision-language models.
+
+:func:`prune_inputs` takes what the model's processor returns, keeps
+``max(1, round(n * keep_ratio))`` of each image's / video's ``n`` visual tokens,
+selected with ``torch.ops.divprune.select`` on the tokens exactly as they enter the
+LLM (after the projector / patch merger), and returns the keyword arguments for
+``model(**pruned)`` and ``model.generate(**pruned, ...)``::
+
+    inputs = processor(images=image, text=prompt, return_tensors="pt").to(model.device)
+    pruned = divprune_ext.hf.prune_inputs(model, **inputs, keep_ratio=0.1)
+    out = model.generate(**pruned, max_new_tokens=64)
+
+What comes back, per family (``SUPPORTED_MODELS`` lists the classes):
+
+- LLaVA-1.5, LLaVA-NeXT, LLaVA-NeXT-Video, LLaVA-OneVision (``hf/llava.py``):
+  ``inputs_embeds``, contiguous positions; ``generate()`` returns only the new tokens.
+- Gemma 3 (``hf/gemma3.py``, transformers >= 5.18): pruned ``input_ids`` +
+  ``mm_encoder_outputs`` + ``token_type_ids``, contiguous positions; ``generate()``
+  returns the pruned prompt followed by the new tokens.
+- Qwen2-VL, Qwen2.5-VL, Qwen3-VL (``hf/qwen_vl.py``): the original multimodal RoPE
+  positions as ``position_ids``; see that module for what each returns.
+
+``attention_mask`` and any ``labels``, ``token_type_ids``, ``mm_token_type_ids`` passed in
+come back shortened with the tokens and re-padded on the side the input was padded, so
+batched left-padded generation works. Adding a family: see ``divprune_ext.hf.core``.
+"""
+from . import core
+from . import gemma3, llava, qwen_vl  # noqa: F401  (importing a family module registers its adapters)
+from .core import Visual, prune_inputs, visual_features
+
+SUPPORTED_MODELS = core.supported_models()
+
+__all__ = ["prune_inputs", "visual_features", "Visual", "SUPPORTED_MODELS"]

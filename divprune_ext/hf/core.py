@@ -1,0 +1,394 @@
+"""The model-independent part of ``divprune_ext.hf``: selection, gathering, re-padding.
+
+:func:`prune_inputs` asks the model family's adapter for the visual tokens as they
+enter the LLM, keeps ``max(1, round(n * keep_ratio))`` of each image's / video's ``n``
+tokens with ``torch.ops.divprune.select``, drops the others from every per-token
+tensor, re-pads the batch on the side it was padded, and lets the adapter turn the
+result into the keyword arguments of ``model(...)`` / ``model.generate(...)``.
+
+Adapter contract
+================
+One adapter per model family, in its own module under ``divprune_ext/hf/`` that
+``divprune_ext/hf/__init__.py`` imports (importing it registers it). An adapter is a
+subclass of :class:`Adapter` decorated with :func:`register`::
+
+    @register
+    class MyFamily(Adapter):
+        models = ("MyModelForConditionalGeneration",)  # class names served (subclasses too)
+        inputs = ("pixel_values", "image_grid_thw")    # processor keys it consumes
+
+        def visual(self, model, inputs):               # required
+            ...
+            return [Visual(token_id, features, modality="image"), ...]
+
+        def outputs(self, model, batch):               # required
+            return {"inputs_embeds": batch.inputs_embeds(model)}
+
+``prune_inputs(model, input_ids, attention_mask=None, *, keep_ratio, order,
+padding_side, **inputs)`` calls, in this order:
+
+1. ``check(model)`` (optional): raise ``RuntimeError`` when the installed
+   transformers cannot run this family's pruned inputs; :func:`require_encoder_outputs`
+   does it for families that need ``mm_encoder_outputs`` (transformers >= 5.18).
+2. ``visual(model, inputs) -> list[Visual]`` (required). ``inputs`` holds everything
+   the caller passed that is not None: ``input_ids``, ``attention_mask`` (ones if not
+   given), the per-token tensors of :data:`PER_TOKEN_PAD` and the adapter's own keys.
+   Any other key is a ``TypeError``. Each :class:`Visual` is one image or one video
+   with ``token_id`` (its placeholder id in ``input_ids``), ``features`` ``(n, H)``:
+   exactly the rows the model writes into its ``n`` placeholders, in that order,
+   after the projector / merger (selection runs on them), ``extras``: more per-token
+   tensors ``(n, ...)`` that must be gathered with the same picks (Qwen3-VL's
+   deepstack features, one per layer), and ``modality`` (``"image"`` or ``"video"``,
+   for the adapter's own use). **Order:** the Visuals with one token id are matched
+   to that id's placeholders in row-major order (row 0 left to right, then row 1, ...),
+   ``n`` at a time, exactly as the model's ``masked_scatter`` fills them; Visuals of
+   different ids may come in any order (the list order is kept in ``batch.kept``).
+   The placeholders of one Visual must lie in one row; they need not be contiguous.
+   The core raises ``ValueError`` if an id's placeholder count differs from its
+   Visuals' total ``n``, or a Visual spans two rows.
+3. ``position_ids(model, inputs) -> Tensor | None`` (optional, default None), called
+   after the core has checked the placeholder counts: the position ids of the
+   *unpruned* prompt, also kept as ``batch.positions`` for ``outputs``. None: the pruned prompt gets contiguous
+   positions (the model / ``generate()`` number the kept tokens 0..L'-1, as in the
+   authors' code) and no ``position_ids`` is returned. A tensor ``(..., B, L)`` (e.g.
+   multimodal RoPE ``(3, B, L)``): the core gathers it along the kept tokens, re-pads
+   it with 0 on the padding side and returns it as ``position_ids``.
+4. ``outputs(model, batch: PrunedBatch) -> dict`` (required): the keys that carry the
+   prompt, e.g. ``{"inputs_embeds": batch.inputs_embeds(model)}``, or pruned
+   ``input_ids`` + ``mm_encoder_outputs`` built from ``batch.kept``. The core has
+   already put in the result: ``attention_mask``, ``position_ids`` (step 3) and every
+   per-token tensor of :data:`PER_TOKEN_PAD` the caller passed (``labels``,
+   ``token_type_ids``, ``mm_token_type_ids``), all gathered and re-padded; the dict
+   ``outputs`` returns is merged over them (a key mapped to None is removed).
+
+:class:`PrunedBatch` gives ``outputs``: ``inputs`` (as in step 2), ``kept`` (one
+:class:`Kept` per Visual, same order: ``.visual``, ``.picks`` (k,) indices into the
+Visual's ``n`` tokens in the order the kept tokens enter the LLM, ``.features``
+``(k, H)`` and ``.extras`` gathered with them), ``positions`` (step 3's tensor, unpruned,
+or None), ``input_ids`` and ``attention_mask``
+``(B, L')`` of the pruned prompt (kept placeholders stay; padding gets the model's
+pad id), ``gather(values, pad, batch_dim)`` for any other per-token tensor
+(``(..., B, L)`` by default, ``(B, L, ...)`` with ``batch_dim=0``), ``inputs_embeds(model)``
+(the pruned prompt's embeddings with the kept features in their slots), and
+``padding_side``.
+
+``order="selection"``: each Visual's kept tokens occupy the same slots as with
+``"original"``, filled in selection order; every gathered per-token tensor (positions
+included) follows its token, so a kept token keeps its own position.
+
+Host syncs
+==========
+On a GPU, :func:`prune_inputs` itself reads device values back once: one small
+``(2 + ids, B)`` tensor (real tokens per row, whether each row starts with padding,
+placeholders per row and id), needed to check the placeholder counts, to assign
+Visuals to rows and to size the output (L' is a shape). Everything else (selection
+with ``validate=False``: the model's features are finite or its output is NaN anyway,
+``nonzero_static`` of known size, scatters, gathers) stays on the device. The adapter's
+feature code (the model's own ``get_image_features`` etc., and e.g. a rope-index
+function) makes whatever syncs the model makes there.
+
+Changes to this contract are listed here:
+- ``position_ids`` runs after the placeholder check; its result is ``batch.positions``.
+"""
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
+
+import torch
+
+import divprune_ext
+
+__all__ = ["Adapter", "Visual", "Kept", "PrunedBatch", "register", "prune_inputs", "visual_features",
+           "supported_models", "require_encoder_outputs", "PER_TOKEN_PAD"]
+
+# Per-token inputs the core gathers with the kept tokens, and the value padding gets.
+PER_TOKEN_PAD = {"labels": -100, "token_type_ids": 0, "mm_token_type_ids": 0}
+POSITION_PAD = 0  # what the Qwen-VL rope-index functions write at padding
+
+
+@dataclass
+class Visual:
+    """One image or video as it enters the LLM (see the module docstring)."""
+    token_id: int
+    features: torch.Tensor                   # (n, H)
+    extras: Tuple[torch.Tensor, ...] = ()    # (n, ...) each, gathered with the same picks
+    modality: str = "image"
+
+
+@dataclass
+class Kept:
+    """What is kept of one :class:`Visual`: ``picks`` (k,) in the order they enter the LLM."""
+    visual: Visual
+    picks: torch.Tensor
+
+    @property
+    def features(self) -> torch.Tensor:
+        return self.visual.features[self.picks]
+
+    @property
+    def extras(self) -> Tuple[torch.Tensor, ...]:
+        return tuple(extra[self.picks] for extra in self.visual.extras)
+
+
+class Adapter:
+    """Base class of the per-family adapters; see the module docstring for the contract."""
+    models: Tuple[str, ...] = ()
+    inputs: Tuple[str, ...] = ()
+
+    def check(self, model) -> None:
+        """Raise RuntimeError if the installed transformers cannot run this family pruned."""
+
+    def visual(self, model, inputs: Dict[str, Any]) -> List[Visual]:
+        raise NotImplementedError
+
+    def position_ids(self, model, inputs: Dict[str, Any]) -> Optional[torch.Tensor]:
+        return None
+
+    def outputs(self, model, batch: "PrunedBatch") -> Dict[str, Any]:
+        raise NotImplementedError
+
+
+_ADAPTERS: Dict[str, Adapter] = {}
+
+
+def register(cls: Type[Adapter]) -> Type[Adapter]:
+    """Class decorator: serve ``cls.models`` with an instance of ``cls``."""
+    adapter = cls()
+    for name in cls.models:
+        if name in _ADAPTERS:
+            raise ValueError(f"{name} already has an adapter: {type(_ADAPTERS[name]).__name__}")
+        _ADAPTERS[name] = adapter
+    return cls
+
+
+def supported_models() -> Tuple[str, ...]:
+    """The model class names with an adapter, sorted."""
+    return tuple(sorted(_ADAPTERS))
+
+
+def adapter_for(model) -> Adapter:
+    """The adapter of ``model``'s class or of its nearest supported base class; else TypeError."""
+    for cls in type(model).__mro__:
+        if cls.__name__ in _ADAPTERS:
+            return _ADAPTERS[cls.__name__]
+    raise TypeError(f"divprune_ext.hf supports {', '.join(supported_models())}; got {type(model).__name__}")
+
+
+def require_encoder_outputs(model, what: str) -> None:
+    """RuntimeError naming the version unless ``model.forward`` takes ``mm_encoder_outputs`` (5.18+)."""
+    if "mm_encoder_outputs" not in inspect.signature(model.forward).parameters:
+        import transformers
+        raise RuntimeError(f"{what} needs transformers >= 5.18 (pruned prompts are passed as input_ids + "
+                           f"mm_encoder_outputs, which 5.18 added); installed: {transformers.__version__}")
+
+
+def _pad_token_id(model) -> int:
+    for config in (model.config, getattr(model.config, "text_config", None), model.generation_config):
+        value = getattr(config, "pad_token_id", None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def _selectable(features: torch.Tensor) -> torch.Tensor:
+    # The operator takes float32/16/bf16; float64 models select on float32 copies.
+    return features if features.dtype in (torch.float32, torch.float16, torch.bfloat16) else features.float()
+
+
+def _select(visuals: Sequence[Visual], keep_ratio: float, order: str) -> List[torch.Tensor]:
+    """Each Visual's picks, in the order they enter the LLM; one operator call per item size."""
+    picks: List[Optional[torch.Tensor]] = [None] * len(visuals)
+    groups: Dict[Tuple, List[int]] = {}
+    for n, v in enumerate(visuals):
+        groups.setdefault((v.features.shape, v.features.dtype, v.features.device), []).append(n)
+    for (shape, _, _), members in groups.items():
+        stacked = torch.stack([_selectable(visuals[n].features) for n in members])
+        chosen = divprune_ext.select(stacked, divprune_ext.keep_count(shape[0], keep_ratio), validate=False)
+        if order == "original":
+            chosen = chosen.sort(dim=1).values
+        for n, c in zip(members, chosen):
+            picks[n] = c
+    return picks
+
+
+class PrunedBatch:
+    """The pruned prompts: which tokens remain, where, and helpers to build the model's inputs."""
+
+    def __init__(self, model, inputs: Dict[str, Any], visuals: Sequence[Visual], keep_ratio: float, order: str,
+                 padding_side: Optional[str]):
+        self.inputs = inputs
+        self.positions: Optional[torch.Tensor] = None  # the adapter's unpruned position ids, set by prune_inputs
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        token_ids = list(dict.fromkeys(v.token_id for v in visuals))
+        # The one host read: real tokens per row, rows starting with padding, placeholders per row and id.
+        counts = torch.stack([attention_mask.sum(1), attention_mask[:, 0] == 0]
+                             + [(input_ids == t).sum(1) for t in token_ids]).tolist()
+        real, starts_padded, per_row = counts[0], counts[1], dict(zip(token_ids, counts[2:]))
+        if padding_side is None:
+            padding_side = "left" if any(starts_padded) else "right"
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        self.padding_side = padding_side
+        rows = {t: _rows_of(t, [len(v.features) for v in visuals if v.token_id == t], per_row[t]) for t in per_row}
+
+        picks = _select(visuals, keep_ratio, order)
+        self.kept = [Kept(v, p) for v, p in zip(visuals, picks)]
+        keep, origin, lengths = self._place(input_ids, attention_mask, visuals, picks, real, per_row, rows)
+        self._compact(keep, origin, lengths)
+        self.attention_mask = self._valid.to(attention_mask.dtype)
+        self.input_ids = self.gather(input_ids, _pad_token_id(model))
+
+    def _place(self, input_ids, attention_mask, visuals, picks, real, per_row, rows):
+        """Marks the tokens that stay (text and picked visual tokens) in ``keep`` (B*L,), records in
+        ``origin`` (B*L,) which input token each slot takes (itself, but a kept visual slot takes its
+        item's next pick: picks in selection order) and returns the rows' pruned lengths."""
+        batch, length = input_ids.shape
+        self._where: List[torch.Tensor] = [None] * len(visuals)  # flat (B*L) input position of each kept token
+        ids = torch.tensor(list(per_row), dtype=input_ids.dtype, device=input_ids.device)
+        keep = (attention_mask.bool() & ~torch.isin(input_ids, ids)).flatten()
+        origin = torch.arange(batch * length, device=input_ids.device)
+        lengths = list(real)
+        for t, row_counts in per_row.items():
+            members = [n for n, v in enumerate(visuals) if v.token_id == t]
+            flat = torch.nonzero_static((input_ids == t).flatten(), size=sum(row_counts)).squeeze(1)
+            offset = 0
+            for n, row in zip(members, rows[t]):
+                size, pick = len(visuals[n].features), picks[n].to(flat.device)
+                slots = flat[offset:offset + size]
+                self._where[n] = slots[pick]
+                sorted_slots = slots[pick.sort().values]
+                keep[sorted_slots] = True
+                origin[sorted_slots] = self._where[n]
+                lengths[row] -= size - len(pick)
+                offset += size
+        self._shape = (batch, length)
+        return keep.view(batch, length), origin, lengths
+
+    def _compact(self, keep, origin, lengths):
+        """``_source`` (B, W): the flat input index of each output token, -1 at padding. The kept tokens
+        of row b go to columns [0, len_b) (right padding) or [W - len_b, W) (left padding)."""
+        (batch, _), device = keep.shape, keep.device
+        self.width = width = max(lengths, default=0)
+        column = keep.cumsum(1) - 1
+        if self.padding_side == "left":
+            column = column + (width - torch.tensor(lengths, device=device))[:, None]
+        row_start = torch.arange(batch, device=device)[:, None] * width
+        dest = torch.where(keep, row_start + column, batch * width)  # dropped tokens go to a spare slot
+        source = torch.full((batch * width + 1,), -1, device=device)
+        source.scatter_(0, dest.flatten(), origin)
+        self._source = source[:-1].view(batch, width)
+        self._valid = self._source >= 0
+
+    def gather(self, values: torch.Tensor, pad: Any = 0, batch_dim: Optional[int] = None) -> torch.Tensor:
+        """``values`` (..., B, L) (or (B, L, ...) with ``batch_dim=0``) at the kept tokens, re-padded with ``pad``."""
+        bd = values.dim() - 2 if batch_dim is None else batch_dim
+        if tuple(values.shape[bd:bd + 2]) != self._shape:
+            raise ValueError(f"expected a per-token tensor with (batch, length) = {self._shape} at dims "
+                             f"{bd}, {bd + 1}; got shape {tuple(values.shape)}")
+        picked = values.flatten(bd, bd + 1).index_select(bd, self._source.clamp(min=0).flatten())
+        picked = picked.unflatten(bd, (self._shape[0], self.width))
+        valid = self._valid.view(self._valid.shape + (1,) * (values.dim() - bd - 2))
+        return picked.masked_fill(~valid, pad)
+
+    def inputs_embeds(self, model) -> torch.Tensor:
+        """(B, L', H): the model's text embeddings with the kept visual features in their slots."""
+        input_ids = self.inputs["input_ids"]
+        token_ids = torch.tensor([k.visual.token_id for k in self.kept], dtype=input_ids.dtype, device=input_ids.device)
+        placeholders = torch.isin(input_ids, token_ids)
+        # Placeholder ids may lie outside the vocabulary (Gemma 3); their rows are overwritten anyway.
+        embeds = model.get_input_embeddings()(input_ids.masked_fill(placeholders, 0))
+        flat = embeds.view(-1, embeds.shape[-1])
+        for kept, where in zip(self.kept, self._where):
+            flat[where] = kept.features.to(flat.device, flat.dtype)
+        return self.gather(embeds, 0, batch_dim=0)
+
+
+def _rows_of(token_id: int, sizes: Sequence[int], per_row: Sequence[int]) -> List[int]:
+    """The row of each Visual (sizes in fill order), from the placeholder count of each row."""
+    if sum(sizes) != sum(per_row):
+        raise ValueError(f"{sum(per_row)} tokens with id {token_id} in input_ids but the model makes "
+                         f"{sum(sizes)} visual features for them")
+    rows, row, before_row, start = [], 0, 0, 0
+    for n, size in enumerate(sizes):
+        while row < len(per_row) and start >= before_row + per_row[row]:
+            before_row += per_row[row]
+            row += 1
+        if start + size > before_row + per_row[row]:
+            raise ValueError(f"visual item {n} with token id {token_id} ({size} tokens) spans several prompts: "
+                             f"its row has {before_row + per_row[row] - start} placeholders left")
+        rows.append(row)
+        start += size
+    return rows
+
+
+def _split_inputs(adapter: Adapter, input_ids, attention_mask, inputs: Dict[str, Any]) -> Dict[str, Any]:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must have shape (batch, length), got {shape}")
+    given = {k: v for k, v in inputs.items() if v is not None}
+    unknown = sorted(set(given) - set(PER_TOKEN_PAD) - set(adapter.inputs))
+    if unknown:
+        raise TypeError(f"{type(adapter).__name__} takes {', '.join(adapter.inputs + tuple(PER_TOKEN_PAD))}; "
+                        f"got unexpected {', '.join(unknown)}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, **given}
+
+
+def visual_features(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                    **inputs) -> List[Visual]:
+    """The :class:`Visual` list ``prune_inputs`` selects on: each image's / video's tokens as they enter the LLM."""
+    adapter = adapter_for(model)
+    with torch.no_grad():
+        return adapter.visual(model, _split_inputs(adapter, input_ids, attention_mask, inputs))
+
+
+@torch.no_grad()
+def prune_inputs(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
+                 keep_ratio: float = 0.1, order: str = "original", padding_side: Optional[str] = None,
+                 **inputs) -> Dict[str, Any]:
+    """Prune each image's / video's visual tokens before the LLM's first layer.
+
+    Args:
+        model: a supported model (``divprune_ext.hf.SUPPORTED_MODELS``).
+        input_ids, attention_mask, **inputs: what the model's processor returns (plus
+            ``labels`` if any).
+        keep_ratio: fraction of each image's / video's tokens to keep, in (0, 1].
+        order: ``"original"`` (kept tokens in their original order, like the authors'
+            released code) or ``"selection"`` (in selection order).
+        padding_side: ``"left"`` or ``"right"``; default: left if any row starts with padding.
+
+    Returns:
+        keyword arguments for ``model(**pruned)`` and ``model.generate(**pruned, ...)``;
+        which keys depends on the family (see ``divprune_ext.hf``).
+
+    Raises:
+        TypeError: unsupported model class (the message lists the supported ones), or an
+            input the family does not take.
+        ValueError: keep_ratio outside (0, 1], unknown order / padding_side, input_ids not
+            2-D, placeholder tokens that do not match the visual features.
+        RuntimeError: the installed transformers cannot run this family pruned.
+
+    Host syncs: one read of a small (2 + placeholder ids, B) tensor, to check the
+    placeholder counts, assign images / videos to rows and size the pruned batch (its
+    width is a shape); plus whatever the model's own feature code reads (see the
+    module docstring). Selection and gathering stay on the device.
+    """
+    adapter = adapter_for(model)
+    divprune_ext.keep_count(1, keep_ratio)  # validates keep_ratio
+    if order not in ("original", "selection"):
+        raise ValueError(f"order must be 'original' or 'selection', got {order!r}")
+    inputs = _split_inputs(adapter, input_ids, attention_mask, inputs)
+    adapter.check(model)
+    visuals = adapter.visual(model, inputs)
+    batch = PrunedBatch(model, inputs, visuals, keep_ratio, order, padding_side)  # checks the placeholders
+    batch.positions = positions = adapter.position_ids(model, inputs)
+
+    result: Dict[str, Any] = {"attention_mask": batch.attention_mask}
+    for key, pad in PER_TOKEN_PAD.items():
+        if key in inputs:
+            result[key] = batch.gather(inputs[key], pad)
+    if positions is not None:
+        result["position_ids"] = batch.gather(positions, POSITION_PAD)
+    result.update(adapter.outputs(model, batch))
+    return {key: value for key, value in result.items() if value is not None}

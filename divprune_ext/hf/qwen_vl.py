@@ -1,0 +1,242 @@
+"""Adapters for Qwen2-VL, Qwen2.5-VL and Qwen3-VL: images and videos, any number per prompt.
+
+Classes: ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``
+(transformers 5.17 and newer) and ``Qwen3VLForConditionalGeneration`` (5.18 and newer).
+Pass what the processor returns (``input_ids``, ``attention_mask``, ``pixel_values``,
+``image_grid_thw``, ``pixel_values_videos``, ``video_grid_thw``, ``mm_token_type_ids``, and
+for Qwen2.5-VL ``second_per_grid_ts``)::
+
+    inputs = processor.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                           return_dict=True, return_tensors="pt").to(model.device)
+    pruned = divprune_ext.hf.prune_inputs(model, **inputs, keep_ratio=0.1)
+    out = model.generate(**pruned, max_new_tokens=64)
+
+Selection runs on each image's / video's tokens as they enter the LLM: the output of the
+vision tower's patch merger (``get_image_features`` / ``get_video_features``), one video
+being all its frames together.
+
+Positions (all three families)
+------------------------------
+The LLM places tokens with multimodal rotary positions (t, h, w): an image's tokens carry
+their row and column in the merged patch grid, a video's tokens also their frame, and text
+continues after the largest spatial extent (merged rows or columns) of the item before it,
+so a video's temporal positions can run past the text that follows it. Kept tokens keep the
+positions the model's own ``model.model.get_rope_index`` gives them on the *unpruned*
+prompt (gathered along the kept tokens, returned as ``position_ids`` of shape (3, B, L')):
+renumbering them 0..L'-1 would move the kept patches to other rows and columns and shift
+all the text after them, whereas with the original positions the text after an image keeps
+exactly the numbers the model gives it without pruning (pruned tokens leave gaps).
+``generate()`` extends explicitly passed ``position_ids`` by the row's last position + 1 per
+new token, which is what it does for the unpruned prompt too (the unpruned prompt's last
+token has the same position), so decoding continues where the unpruned model would.
+Without explicit positions the model would number an ``inputs_embeds`` prompt as plain text
+(``generate()`` sets its rope delta to 0 then) or reuse a rope delta left by an earlier call.
+
+The model also keeps a rope delta (``model.model.rope_deltas``), which it uses instead of
+positions when it continues from a cache without them (e.g. ``generate()`` called again with
+``past_key_values``). :func:`divprune_ext.hf.prune_inputs` sets it to describe the pruned
+batch: per row, the unpruned prompt's largest position + 1 minus the row's pruned length,
+so that a token appended after the pruned prompt gets the number the unpruned model would
+give it. (This is the one piece of model state the adapter writes; the model writes it
+itself on every multimodal prefill. It describes the last batch pruned.)
+
+Qwen3-VL's deepstack
+--------------------
+Qwen3-VL's vision tower also outputs "deepstack" features, one (n, H) tensor per entry of
+``vision_config.deepstack_visual_indexes``, which the LLM adds to the hidden states of the
+visual tokens after its first decoder layers. They are gathered with the same picks and
+passed, with the kept merged features, as ``mm_encoder_outputs`` next to pruned
+``input_ids`` (one placeholder per kept token): a plain ``inputs_embeds`` prompt would lose
+them silently. ``mm_encoder_outputs`` exists from transformers 5.18 (5.17's ``forward``
+swallows it unused); on older versions :func:`prune_inputs` raises a RuntimeError naming
+the version.
+
+What ``generate()`` returns
+---------------------------
+Qwen2-VL and Qwen2.5-VL get ``inputs_embeds`` (+ ``attention_mask``, ``position_ids``):
+``generate()`` returns only the new tokens. Qwen3-VL gets pruned ``input_ids``
+(+ ``attention_mask``, ``position_ids``, ``mm_encoder_outputs``): ``generate()`` returns the
+pruned prompt followed by the new tokens (``out[:, pruned["input_ids"].shape[1]:]`` are the
+new ones). ``labels`` and ``mm_token_type_ids`` come back shortened with the tokens.
+Beam search and ``num_return_sequences`` work; with them ``generate()`` expands
+``mm_encoder_outputs`` in place, so prune again before reusing a Qwen3-VL result in
+another such call. (transformers 5.18 expands the encoder outputs of several images per
+prompt in the wrong order there, for the unpruned model as for Qwen3-VL's pruned prompt;
+5.24 does it right.)
+
+Host syncs
+----------
+Besides the core's one read (see ``divprune_ext.hf.core``): the model's own feature code
+(split sizes from the grids, the vision tower's attention windows) and rope-index function
+(a Python loop over each row's token types) read from the device as the model does on every
+multimodal prefill. The adapter's own check of the placeholders against the grids, before
+the rope index is computed (a mismatch otherwise gives wrong positions or an unrelated
+error), reads the grids, the lengths of the placeholder runs and, when ``mm_token_type_ids``
+is given, whether it agrees with ``input_ids``: a few small reads per call.
+"""
+from typing import Any, Dict, List, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .core import Adapter, Visual, register, require_encoder_outputs
+
+_TYPE = {"image": 1, "video": 2}  # mm_token_type_ids, as the processors write them
+_KEYS = {"image": ("pixel_values", "image_grid_thw"), "video": ("pixel_values_videos", "video_grid_thw")}
+
+
+def _sizes(grid: torch.Tensor, merge: int) -> List[int]:
+    """Tokens each item (a row of a ``*_grid_thw``) enters the LLM with."""
+    return (grid.prod(-1) // merge ** 2).tolist()
+
+
+def _per_item(values, sizes: Sequence[int]) -> List[torch.Tensor]:
+    """One tensor per item: the model returns a tuple per item, or (5.17's deepstack) one concatenation."""
+    if isinstance(values, torch.Tensor):
+        return list(torch.split(values, list(sizes)))
+    return list(values)
+
+
+def _runs(is_token: torch.Tensor):
+    """(row, length) of each run of True in a (B, L) mask, row-major: one device read."""
+    edges = F.pad(is_token.to(torch.int8), (1, 1)).diff(dim=1)
+    starts, ends = (edges == 1).nonzero(), (edges == -1).nonzero()
+    return list(zip(starts[:, 0].tolist(), (ends[:, 1] - starts[:, 1]).tolist()))
+
+
+class _QwenVL(Adapter):
+    inputs = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+    frames_apart = False  # Qwen3-VL writes each video frame as its own run (a timestamp between frames)
+
+    # ----- contract -----
+
+    def visual(self, model, inputs: Dict[str, Any]) -> List[Visual]:
+        found = []
+        for modality, (pixels, grid_key) in _KEYS.items():
+            if pixels not in inputs:
+                continue
+            grid = self._grid(inputs, modality)
+            out = getattr(model.model, f"get_{modality}_features")(inputs[pixels], grid, return_dict=True)
+            sizes = _sizes(grid, model.config.vision_config.spatial_merge_size)
+            features = _per_item(out.pooler_output, sizes)
+            extras = [_per_item(layer, sizes) for layer in self._extras(out)]
+            token = getattr(model.config, f"{modality}_token_id")
+            found += [Visual(token, f, tuple(layer[i] for layer in extras), modality) for i, f in enumerate(features)]
+        return found
+
+    def position_ids(self, model, inputs: Dict[str, Any]) -> torch.Tensor:
+        types = self._token_types(model, inputs)
+        self._check_placeholders(model, inputs, types)
+        rope = {k: inputs[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts") if k in inputs}
+        positions, _ = model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=types,
+                                                  attention_mask=inputs["attention_mask"], **rope)
+        return positions
+
+    def outputs(self, model, batch) -> Dict[str, Any]:
+        self._set_rope_deltas(model, batch)
+        return self._prompt(model, batch)
+
+    # ----- per family -----
+
+    def _extras(self, encoded) -> Sequence:
+        return ()
+
+    def _prompt(self, model, batch) -> Dict[str, Any]:
+        return {"inputs_embeds": batch.inputs_embeds(model)}
+
+    # ----- helpers -----
+
+    def _grid(self, inputs, modality: str) -> torch.Tensor:
+        pixels, grid_key = _KEYS[modality]
+        if grid_key not in inputs:
+            raise ValueError(f"{pixels} needs {grid_key} (the processor returns both)")
+        return inputs[grid_key]
+
+    def _token_types(self, model, inputs) -> torch.Tensor:
+        """mm_token_type_ids as given (checked against the placeholder ids) or as the processor makes it."""
+        input_ids = inputs["input_ids"]
+        expected = torch.zeros_like(input_ids, dtype=torch.int32)
+        for modality, value in _TYPE.items():
+            expected.masked_fill_(input_ids == getattr(model.config, f"{modality}_token_id"), value)
+        given = inputs.get("mm_token_type_ids")
+        if given is None:
+            return expected
+        if given.shape != input_ids.shape:
+            raise ValueError(f"mm_token_type_ids must have the shape of input_ids {tuple(input_ids.shape)}, "
+                             f"got {tuple(given.shape)}")
+        real = inputs["attention_mask"].bool()
+        if bool(((given != expected) & real).any()):
+            raise ValueError(f"mm_token_type_ids must be 1 exactly at the image tokens (id {model.config.image_token_id})"
+                             f" and 2 at the video tokens (id {model.config.video_token_id}) of input_ids")
+        return given
+
+    def _check_placeholders(self, model, inputs, types: torch.Tensor) -> None:
+        """Each image's / video's placeholder run(s) must have the length its grid gives, in prompt order."""
+        merge = model.config.vision_config.spatial_merge_size
+        real = inputs["attention_mask"].bool()
+        for modality, value in _TYPE.items():
+            token = getattr(model.config, f"{modality}_token_id")
+            grid = self._grid(inputs, modality) if _KEYS[modality][0] in inputs else None
+            items = [] if grid is None else grid.tolist()
+            expected = []  # (item, tokens) per run, in fill order
+            for n, (t, h, w) in enumerate(items):
+                if modality == "video" and self.frames_apart:
+                    expected += [(n, h * w // merge ** 2)] * t
+                else:
+                    expected.append((n, t * h * w // merge ** 2))
+            runs = _runs((types == value) & real)
+            found, made = sum(length for _, length in runs), sum(size for _, size in expected)
+            if found != made:
+                raise ValueError(f"{found} tokens with id {token} in input_ids but the model makes {made} visual "
+                                 f"features for them ({len(items)} {modality}s in {_KEYS[modality][1]})")
+            if len(runs) != len(expected):
+                raise ValueError(f"input_ids has {len(runs)} runs of {modality} tokens (id {token}) but "
+                                 f"{_KEYS[modality][1]} makes {len(expected)}"
+                                 + (" (one per frame)" if modality == "video" and self.frames_apart else ""))
+            for (row, length), (n, size) in zip(runs, expected):
+                if length != size:
+                    raise ValueError(f"{modality} {n} ({_KEYS[modality][1]} {items[n]}) makes {size} tokens per run "
+                                     f"but its placeholder run in row {row} has {length} tokens with id {token}")
+
+    def _set_rope_deltas(self, model, batch) -> None:
+        real = batch.inputs["attention_mask"].bool()
+        top = batch.positions.masked_fill(~real, 0).amax(dim=(0, 2))  # largest position of each unpruned row
+        model.model.rope_deltas = (top + 1 - batch.attention_mask.sum(1).to(top.dtype)).unsqueeze(1)
+
+
+@register
+class Qwen2VL(_QwenVL):
+    models = ("Qwen2VLForConditionalGeneration",)
+
+
+@register
+class Qwen2_5_VL(_QwenVL):
+    models = ("Qwen2_5_VLForConditionalGeneration",)
+    inputs = _QwenVL.inputs + ("second_per_grid_ts",)
+
+
+@register
+class Qwen3VL(_QwenVL):
+    models = ("Qwen3VLForConditionalGeneration",)
+    frames_apart = True
+
+    def check(self, model):
+        require_encoder_outputs(model, "Qwen3-VL (its deepstack features must follow the kept tokens)")
+
+    def _extras(self, encoded):
+        return encoded.deepstack_features or ()
+
+    def _prompt(self, model, batch):
+        encoded = {}
+        for modality in _TYPE:
+            kept = [k for k in batch.kept if k.visual.modality == modality]
+            if kept:
+                per_item = [k.extras for k in kept]  # each: one (k, H) tensor per deepstack layer
+                encoded[modality] = _deepstack_output(pooler_output=tuple(k.features for k in kept),
+                                                      deepstack_features=[tuple(layer) for layer in zip(*per_item)])
+        return {"input_ids": batch.input_ids, "mm_encoder_outputs": encoded or None}
+
+
+def _deepstack_output(**fields):
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
+    return BaseModelOutputWithDeepstackFeatures(**fields)

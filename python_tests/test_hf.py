@@ -1,0 +1,232 @@
+"""divprune_ext.hf on tiny random LLaVA, LLaVA-NeXT, LLaVA-NeXT-Video, LLaVA-OneVision and Gemma 3 models.
+
+The unmodified model is the reference: its own forward / generate on the unpruned
+prompt, and the visual tokens as they enter its LLM (recorded with a hook). Every batch
+is left-padded, has prompts of different lengths, one and two images per prompt (for
+OneVision: a tiled single image and untiled multi-image), and a video where the family
+has one.
+"""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+transformers = pytest.importorskip("transformers", reason="hf extra: pip install transformers")
+import divprune_ext  # noqa: E402
+import divprune_ext.hf as hf  # noqa: E402
+from divprune_ext.hf import core  # noqa: E402
+from hf_tiny import FAMILIES, HAS_ENCODER_OUTPUTS, IMAGE, build, collate, llm_inputs, one_thread, row  # noqa: E402,F401
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request):
+    family = FAMILIES[request.param]
+    if family.needs_encoder_outputs and not HAS_ENCODER_OUTPUTS:
+        pytest.skip("needs transformers >= 5.18 (test_gemma3_names_the_version_it_needs covers older ones)")
+    return family, build(family.kind)
+
+
+def batch_for(model, family, images=(1, 2)):
+    """Left-padded rows with images[n] images; the last row also has the family's video."""
+    rows = [row(model, family.kind, n, video=family.video and r == len(images) - 1, seed=r)
+            for r, n in enumerate(images)]
+    return rows, *collate(rows)
+
+
+def new_tokens(output, pruned):
+    """generate() returns the prompt too when it was given input_ids."""
+    return output[:, pruned["input_ids"].shape[1]:] if "input_ids" in pruned else output
+
+
+def last_logits(model, pruned):
+    """Logits at the last token, with positions counted from each row's first real token as generate()
+    counts them (the rotary angles are float32: other absolute positions round differently)."""
+    if "position_ids" not in pruned:
+        pruned = dict(pruned, position_ids=(pruned["attention_mask"].cumsum(1) - 1).clamp(min=0))
+    return model(**pruned).logits[:, -1]
+
+
+def by_hand(model, inputs, items, keep_ratio, order):
+    """The pruned prompt built from the unmodified model's LLM inputs: each item's kept tokens are
+    those torch.ops.divprune.select picks on its tokens as they enter the LLM; left-padded."""
+    with llm_inputs(model) as calls:
+        model(**inputs)
+    embeds = calls[0]["inputs_embeds"]
+    sources = []
+    for b, row_items in enumerate(items):
+        starts = dict(row_items)
+        out, p = [], int(inputs["attention_mask"][b].argmax())
+        while p < embeds.shape[1]:
+            if p in starts:
+                n = starts[p]
+                picks = torch.ops.divprune.select(embeds[b, p:p + n].float(), divprune_ext.keep_count(n, keep_ratio))
+                out += (p + (picks if order == "selection" else picks.sort().values)).tolist()
+                p += n
+            else:
+                out.append(p)
+                p += 1
+        sources.append(out)
+    width = max(len(s) for s in sources)
+
+    def gather(values, pad=0):
+        result = values.new_full((len(sources), width) + values.shape[2:], pad)
+        for b, s in enumerate(sources):
+            result[b, width - len(s):] = values[b, s]
+        return result
+
+    mask = gather(torch.ones_like(inputs["attention_mask"]))
+    return gather(embeds), mask, gather
+
+
+def test_keep_all_gives_the_same_logits(family):
+    _, model = family
+    _, inputs, _ = batch_for(model, family[0])
+    expected = model(**inputs).logits
+    pruned = hf.prune_inputs(model, **inputs, keep_ratio=1.0)
+    assert torch.equal(pruned["attention_mask"], inputs["attention_mask"])
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(model(**pruned).logits[real], expected[real], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("search", ["greedy", "sample", "beams"])
+def test_keep_all_generates_the_same_ids(family, search):
+    _, model = family
+    # One image per prompt for beam search: transformers 5.17's own beam search repeat-interleaves
+    # pixel_values image by image, which gives a prompt with two images the wrong ones.
+    _, inputs, _ = batch_for(model, family[0], images=(1, 1) if search == "beams" else (1, 2))
+    settings = dict(max_new_tokens=6, do_sample=search == "sample", top_k=0 if search == "sample" else None,
+                    num_beams=2 if search == "beams" else 1)
+    torch.manual_seed(1)
+    expected = model.generate(**inputs, **settings)[:, inputs["input_ids"].shape[1]:]
+    pruned = hf.prune_inputs(model, **inputs, keep_ratio=1.0)
+    torch.manual_seed(1)
+    assert torch.equal(new_tokens(model.generate(**pruned, **settings), pruned), expected)
+
+
+@pytest.mark.parametrize("order", ["original", "selection"])
+def test_pruned_prompt_is_the_selected_tokens_and_runs_like_them(family, order):
+    _, model = family
+    _, inputs, items = batch_for(model, family[0])
+    embeds, mask, gather = by_hand(model, inputs, items, 0.3, order)
+    pruned = hf.prune_inputs(model, **inputs, keep_ratio=0.3, order=order)
+    assert torch.equal(pruned["attention_mask"], mask)
+    with llm_inputs(model) as calls:
+        logits = model(**pruned).logits
+    real = mask.bool()
+    assert torch.equal(calls[0]["inputs_embeds"][real], embeds[real])
+    extra = {"token_type_ids": gather(inputs["token_type_ids"])} if "token_type_ids" in inputs else {}
+    if extra:
+        assert torch.equal(pruned["token_type_ids"], extra["token_type_ids"])
+    expected = model(inputs_embeds=embeds, attention_mask=mask, **extra).logits
+    torch.testing.assert_close(logits[real], expected[real], rtol=0, atol=1e-12)
+
+
+def test_batched_equals_one_by_one(family):
+    family, model = family
+    rows, inputs, _ = batch_for(model, family)
+    batched = hf.prune_inputs(model, **inputs, keep_ratio=0.2)
+    batched_ids = new_tokens(model.generate(**batched, max_new_tokens=5, do_sample=False), batched)
+    batched_last = last_logits(model, batched)
+    for n, alone_row in enumerate(rows):
+        alone = hf.prune_inputs(model, **collate([alone_row])[0], keep_ratio=0.2)
+        assert torch.equal(new_tokens(model.generate(**alone, max_new_tokens=5, do_sample=False), alone)[0],
+                           batched_ids[n])
+        torch.testing.assert_close(last_logits(model, alone)[0], batched_last[n], rtol=0, atol=1e-12)
+
+
+def test_labels_follow_the_kept_tokens(family):
+    family, model = family
+    _, inputs, items = batch_for(model, family)
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    labels[:, :4] = -100
+    _, mask, gather = by_hand(model, inputs, items, 0.25, "original")
+    pruned = hf.prune_inputs(model, **inputs, labels=labels, keep_ratio=0.25)
+    assert torch.equal(pruned["labels"], gather(labels, -100))
+    expected = model(**hf.prune_inputs(model, **inputs, keep_ratio=0.25), labels=gather(labels, -100)).loss
+    assert torch.equal(model(**pruned).loss, expected)
+
+
+def test_every_item_keeps_its_share():
+    model = build("llava_next_video")
+    _, inputs, items = batch_for(model, FAMILIES["llava_next_video"])
+    for keep_ratio in (0.05, 0.5):
+        pruned = hf.prune_inputs(model, **inputs, keep_ratio=keep_ratio)
+        removed = [sum(n - divprune_ext.keep_count(n, keep_ratio) for _, n in row_items) for row_items in items]
+        assert pruned["attention_mask"].sum(1).tolist() == [
+            real - gone for real, gone in zip(inputs["attention_mask"].sum(1).tolist(), removed)]
+
+
+class HostReads(TorchDispatchMode):
+    """Counts what makes a GPU wait: tensor-to-Python reads and data-dependent shapes."""
+    SYNCING = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+               torch.ops.aten.masked_select.default}
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.reads = 0
+        tolist = torch.Tensor.tolist
+
+        def counted(tensor):
+            self.reads += 1
+            return tolist(tensor)
+        monkeypatch.setattr(torch.Tensor, "tolist", counted)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        indices = args[1] if func in (torch.ops.aten.index.Tensor, torch.ops.aten.index_put_.default) else ()
+        self.reads += func in self.SYNCING or any(i is not None and i.dtype == torch.bool for i in indices)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kind", ["llava_next_video", "gemma3"])
+def test_one_host_read_outside_the_models_own_code(kind, monkeypatch):
+    if FAMILIES[kind].needs_encoder_outputs and not HAS_ENCODER_OUTPUTS:
+        pytest.skip("needs transformers >= 5.18")
+    model = build(kind)
+    _, inputs, _ = batch_for(model, FAMILIES[kind])
+    labels = inputs["input_ids"].clone()
+    visuals = hf.visual_features(model, **inputs)  # the model's own feature code, outside the count
+    monkeypatch.setattr(type(core.adapter_for(model)), "visual", lambda self, model, inputs: visuals)
+    with HostReads(monkeypatch) as counter:
+        hf.prune_inputs(model, **inputs, labels=labels, keep_ratio=0.3, order="selection")
+    assert counter.reads == 1
+
+
+def test_errors():
+    model = build("llava")
+    _, inputs, items = batch_for(model, FAMILIES["llava"])
+    with pytest.raises(TypeError, match="supports Gemma3ForConditionalGeneration, LlavaForConditionalGeneration, "
+                                        ".*LlavaOnevisionForConditionalGeneration.*; got Linear"):
+        hf.prune_inputs(torch.nn.Linear(2, 2), **inputs)
+    for bad in (0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"keep_ratio must be in \(0, 1\]"):
+            hf.prune_inputs(model, **inputs, keep_ratio=bad)
+    with pytest.raises(ValueError, match="order must be 'original' or 'selection'"):
+        hf.prune_inputs(model, **inputs, order="random")
+    with pytest.raises(TypeError, match="got unexpected image_grid_thw"):
+        hf.prune_inputs(model, **inputs, image_grid_thw=torch.ones(1, 3))
+    with pytest.raises(ValueError, match="input_ids must have shape"):
+        hf.prune_inputs(model, **dict(inputs, input_ids=inputs["input_ids"][0]))
+    fewer = inputs["input_ids"].clone()
+    fewer[1, items[1][0][0]] = 1  # one image placeholder less
+    with pytest.raises(ValueError, match="47 tokens with id 99 in input_ids but the model makes 48 visual features"):
+        hf.prune_inputs(model, **dict(inputs, input_ids=fewer))
+    moved = fewer.clone()  # ... and one more at the end of row 0: row 1's first image starts there
+    moved[0, -1] = IMAGE
+    with pytest.raises(ValueError, match="visual item 1 with token id 99 .16 tokens. spans several prompts: its row "
+                                         "has 1 placeholders left"):
+        hf.prune_inputs(model, **dict(inputs, input_ids=moved))
+
+
+@pytest.mark.skipif(HAS_ENCODER_OUTPUTS, reason="transformers >= 5.18 runs Gemma 3 pruned")
+def test_gemma3_names_the_version_it_needs():
+    model = build("gemma3")
+    _, inputs, _ = batch_for(model, FAMILIES["gemma3"])
+    with pytest.raises(RuntimeError, match=r"Gemma 3 needs transformers >= 5.18 .*installed: 5\.1[0-7]"):
+        hf.prune_inputs(model, **inputs)
+
+
+def test_gemma3_generate_takes_no_inputs_embeds():
+    """Why the Gemma 3 adapter returns input_ids: the model's generate() refuses inputs_embeds."""
+    model = build("gemma3")
+    embeds = model.get_input_embeddings()(torch.tensor([[5, 6, 7]]))
+    with pytest.raises(ValueError, match="You passed `inputs_embeds` to `.generate\\(\\)`"):
+        model.generate(inputs_embeds=embeds, max_new_tokens=1)

@@ -20,6 +20,22 @@ import sysconfig
 from setuptools import find_packages, setup
 
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"  # A100, H100/H200, and PTX for newer GPUs
+HERE = os.path.dirname(os.path.abspath(__file__))
+TRANSFORMERS = "transformers>=5.17,<6"  # the versions divprune_ext.llava is tested with
+
+
+def read_version():
+    """The version lives in divprune_ext/_version.py; importing the package here would
+    need torch and the not yet built extension, so run that one file instead."""
+    scope = {}
+    with open(os.path.join(HERE, "divprune_ext", "_version.py"), encoding="utf-8") as f:
+        exec(f.read(), scope)
+    return scope["__version__"]
+
+
+def read_readme():
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        return f.read()
 
 
 def find_cuda_home():
@@ -61,11 +77,17 @@ def import_installed_torch():
     return torch
 
 
+# Commands that compile. The others (sdist, egg_info, ...) only package or describe the
+# sources, so they run without torch: `python -m build --sdist` runs in a bare environment.
+COMPILES = bool({"build", "build_ext", "bdist_wheel", "bdist", "bdist_egg", "install", "develop",
+                 "editable_wheel"} & set(sys.argv[1:]))
 try:
     torch = import_installed_torch()
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 except ImportError:
-    sys.exit("divprune_ext builds against the installed torch: install torch first (pip install torch)")
+    if COMPILES:
+        sys.exit("divprune_ext builds against the installed torch: install torch first (pip install torch)")
+    torch = None
 
 
 def flag(name):
@@ -89,7 +111,6 @@ def default_arch_list():
 
 
 def extension():
-    here = os.path.dirname(os.path.abspath(__file__))
     cpp_sources = ["csrc/divprune.cpp", "csrc/divprune_cpu.cpp"]
     cuda_sources = sorted(glob.glob("csrc/*.cu"))
     cxx_flags = ["-O3"]
@@ -98,7 +119,8 @@ def extension():
         if flag("FORCE_CUDA"):
             sys.exit(f"FORCE_CUDA=1 but the CUDA kernels can't be built: {problem}")
         print(f"divprune_ext: building CPU kernels only ({problem})")
-        return CppExtension("divprune_ext._C", cpp_sources, extra_compile_args={"cxx": cxx_flags})
+        return CppExtension("divprune_ext._C", cpp_sources, include_dirs=[os.path.join(HERE, "csrc")],
+                            extra_compile_args={"cxx": cxx_flags})
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", default_arch_list())
     print(f"divprune_ext: building CPU + CUDA kernels for {os.environ['TORCH_CUDA_ARCH_LIST']} "
@@ -108,7 +130,7 @@ def extension():
     return CUDAExtension(
         "divprune_ext._C",
         cpp_sources + cuda_sources,
-        include_dirs=[os.path.join(here, "csrc")] + include_dirs,
+        include_dirs=[os.path.join(HERE, "csrc")] + include_dirs,
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"] + (
             ["-Xptxas=-v"] if flag("DIVPRUNE_PTXAS_VERBOSE") else [])},
     )
@@ -116,18 +138,38 @@ def extension():
 
 setup(
     name="divprune_ext",
-    version="0.1.0",
+    version=read_version(),
     description="DivPrune visual-token pruning as compiled PyTorch operators (CPU and CUDA)",
+    long_description=read_readme(),
+    long_description_content_type="text/markdown",
+    author="the divprune_ext authors",
+    license="BSD-3-Clause",
+    license_files=["LICENSE"],
+    keywords=["pytorch", "cuda", "token pruning", "multimodal", "llava", "divprune"],
+    classifiers=[
+        "Development Status :: 3 - Alpha",
+        "Intended Audience :: Developers",
+        "Intended Audience :: Science/Research",
+        "Operating System :: POSIX :: Linux",
+        "Environment :: GPU :: NVIDIA CUDA",
+        "Environment :: GPU :: NVIDIA CUDA :: 13",
+        "Programming Language :: C++",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3 :: Only",
+        "Programming Language :: Python :: 3.11",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
     packages=find_packages(include=["divprune_ext", "divprune_ext.*"]),
-    python_requires=">=3.9",
+    python_requires=">=3.10",  # as torch 2.13 and 2.14 (the releases it is tested with) require
     install_requires=["torch", "numpy"],
     extras_require={
         "test": ["pytest"],
         "bench": ["matplotlib"],
         "demo": ["scikit-image", "pillow", "matplotlib"],
-        "llava": ["transformers>=5.17,<6"],
+        "llava": [TRANSFORMERS],
+        "hf": [TRANSFORMERS],  # divprune_ext.hf: the same transformers as llava
     },
-    ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension},
+    ext_modules=[extension()] if torch else [],
+    cmdclass={"build_ext": BuildExtension} if torch else {},
     zip_safe=False,
 )

@@ -15,12 +15,22 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import _C  # noqa: F401  (registers the operators)
+try:
+    from . import _C  # noqa: F401  (registers the operators)
+except ModuleNotFoundError:
+    raise  # not built at all
+except ImportError as e:
+    # The compiled extension links against one torch build (release, CPU or CUDA); the
+    # loader's own message (a missing library or symbol) does not say so.
+    raise ImportError(f"divprune_ext's compiled extension does not load with the installed torch "
+                      f"{torch.__version__}: it was built against another torch release or build (CPU/CUDA). "
+                      f"Rebuild it against this torch: pip install --no-cache-dir --force-reinstall --no-deps "
+                      f"<divprune_ext sdist or source folder>. Loader error: {e}") from e
 from . import _fake  # noqa: F401  (their fake kernels)
 from . import reference
+from ._version import __version__
 
 __all__ = ["select", "prune", "pairwise_distance", "keep_count", "reference", "cuda_available"]
-__version__ = "0.1.0"
 
 
 def cuda_available() -> bool:

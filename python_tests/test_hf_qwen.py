@@ -14,6 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers", reason="hf extra: pip install transformers")
 import divprune_ext  # noqa: E402
 from divprune_ext import hf  # noqa: E402
+from hf_tiny import one_thread  # noqa: E402,F401  (autouse: tiny models on one thread)
 
 PAD, IMAGE, VIDEO, START, END = 0, 90, 91, 92, 93
 PATCH = 3 * 2 * 2 * 2  # pixel values per patch: channels x temporal patch x patch x patch
@@ -172,15 +173,6 @@ def run_language_model(model, hand):
 def new_tokens(pruned, generated):
     """generate() returns only new tokens for inputs_embeds, the pruned prompt + new ones for input_ids."""
     return generated[:, pruned["input_ids"].shape[1]:] if "input_ids" in pruned else generated
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (two spin-wait on each other on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=KINDS)

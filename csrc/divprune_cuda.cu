@@ -126,13 +126,13 @@ at::Tensor select_cuda(const at::Tensor& x, int64_t k) {
   const auto shape = check_input(x, op);
   check_k(shape, k);
   const c10::cuda::CUDAGuard guard(x.device());
+  auto out = at::empty(select_output_shape(x, k), x.options().dtype(at::kLong));
+  if (shape.batch == 0) return out;
   const LaunchPlan plan = plan_for(x, shape, op);
   // The greedy kernel holds every candidate of an item in one CTA's registers.
   TORCH_CHECK_VALUE(plan.greedy_width != 0, op, ": the CUDA kernel selects from at most ",
                     kernels::kMaxGreedyThreads * kernels::kMaxCandidatesPerThread, " tokens per item, got M = ",
                     shape.rows);
-  auto out = at::empty(select_output_shape(x, k), x.options().dtype(at::kLong));
-  if (shape.batch == 0) return out;
   const Distances d = compute_distances(x, shape, plan, op);
   CudaLaunch launch{c10::cuda::getCurrentCUDAStream()};
   kernels::launch_greedy(launch, plan, shape.batch, shape.rows, k, d.dist.data_ptr<float>(),

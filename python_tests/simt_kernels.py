@@ -29,6 +29,7 @@ RUNTIME_SOURCES = ["runtime.cpp", "self_test.cpp"]  # kernel_runner.cpp includes
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 # The runner's default device: an H100 (132 SMs, sm_90 code loaded).
 DEFAULT_SMS, DEFAULT_PTX = 132, 90
+MAX_GRID_Z = 65_535
 
 
 def _cuda_include() -> Optional[str]:
@@ -65,10 +66,19 @@ def _digest(*parts, files=()) -> str:
 
 
 def _compile(command, output):
-    result = subprocess.run([*command, "-o", output + ".tmp"], capture_output=True, text=True)
+    temporary = f"{output}.{os.getpid()}.tmp"  # parallel builds of one file each write their own
+    result = subprocess.run([*command, "-o", temporary], capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"building the kernel runner failed:\n{' '.join(command)}\n{result.stderr[-5000:]}")
-    os.replace(output + ".tmp", output)  # atomic: parallel builds of the same file don't clash
+    os.replace(temporary, output)  # atomic
+
+
+def _sanitizers_link(compiler: str) -> bool:
+    """Whether the compiler has the sanitizer runtimes (some distributions package them apart)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = subprocess.run([compiler, *FLAGS, "-x", "c++", "-", "-o", os.path.join(tmp, "probe")],
+                                input="int main() { return 0; }\n", capture_output=True, text=True)
+    return result.returncode == 0
 
 
 def build_runner() -> str:
@@ -86,6 +96,12 @@ def build_runner() -> str:
     kernel_files = sorted(glob.glob(os.path.join(root, "kernels", "*")))
     compile_flags = [*FLAGS, f"-I{root}", f"-I{CSRC}", f"-I{include}"]
     build = os.path.join(ROOT, "build", "simt")
+    runner_dir = os.path.join(build, "runner-" + _digest(compiler, *compile_flags, files=simt_files + kernel_files))
+    runner = os.path.join(runner_dir, "kernel_runner")
+    if os.path.exists(runner):
+        return runner
+    if not _sanitizers_link(compiler):
+        _unavailable(f"{compiler} cannot link -fsanitize=address,undefined programs (install libasan / libubsan)")
 
     objects_dir = os.path.join(build, "runtime-" + _digest(compiler, *FLAGS, include, files=simt_files))
     objects = [os.path.join(objects_dir, name + ".o") for name in RUNTIME_SOURCES]
@@ -93,12 +109,8 @@ def build_runner() -> str:
     for name, obj in zip(RUNTIME_SOURCES, objects):
         if not os.path.exists(obj):
             _compile([compiler, *FLAGS, f"-I{CSRC}", f"-I{include}", "-c", os.path.join(CSRC, "simt", name)], obj)
-
-    runner_dir = os.path.join(build, "runner-" + _digest(compiler, *compile_flags, files=simt_files + kernel_files))
-    runner = os.path.join(runner_dir, "kernel_runner")
-    if not os.path.exists(runner):
-        os.makedirs(runner_dir, exist_ok=True)
-        _compile([compiler, *compile_flags, os.path.join(CSRC, "simt", "kernel_runner.cpp"), *objects], runner)
+    os.makedirs(runner_dir, exist_ok=True)
+    _compile([compiler, *compile_flags, os.path.join(CSRC, "simt", "kernel_runner.cpp"), *objects], runner)
     return runner
 
 
@@ -131,28 +143,31 @@ def _run(runner: str, args, what: str) -> subprocess.CompletedProcess:
     return result
 
 
-def _shape_args(batch, rows, dim, dtype, k, sms, ptx_version, max_threads):
+def _shape_args(batch, rows, dim, dtype, k, sms, ptx_version, max_threads, max_grid_z):
     args = ["--dtype", DTYPE_NAMES[dtype], "--batch", str(batch), "--rows", str(rows), "--dim", str(dim),
-            "--sms", str(sms), "--ptx-version", str(ptx_version), "--max-threads", str(max_threads)]
+            "--sms", str(sms), "--ptx-version", str(ptx_version), "--max-threads", str(max_threads),
+            "--max-grid-z", str(max_grid_z)]
     return args + (["--k", str(k)] if k else [])
 
 
 def plan(runner: str, batch: int, rows: int, dim: int, dtype=torch.float32, k: int = 0, *, sms: int = DEFAULT_SMS,
-         ptx_version: int = DEFAULT_PTX, max_threads: int = 1024) -> dict:
+         ptx_version: int = DEFAULT_PTX, max_threads: int = 1024, max_grid_z: int = MAX_GRID_Z) -> dict:
     """The launch plan and the launches, without running anything."""
-    args = _shape_args(batch, rows, dim, dtype, k, sms, ptx_version, max_threads) + ["--plan-only"]
+    args = _shape_args(batch, rows, dim, dtype, k, sms, ptx_version, max_threads, max_grid_z) + ["--plan-only"]
     return json.loads(_run(runner, args, "kernel_runner --plan-only").stdout)
 
 
 def run_kernels(runner: str, x: torch.Tensor, k: int = 0, *, sms: int = DEFAULT_SMS, ptx_version: int = DEFAULT_PTX,
-                max_threads: int = 1024, seed: int = 0, offset: int = 0) -> KernelRun:
+                max_threads: int = 1024, max_grid_z: int = MAX_GRID_Z, seed: int = 0, offset: int = 0) -> KernelRun:
     """Runs the CUDA operators' kernels on x (M, D) or (B, M, D) on the host runtime:
     distances and row minima, and the greedy selection of k when k > 0.
 
     sms / ptx_version describe the device (they decide split-D and the tensor-core
     core), max_threads caps the greedy block (smaller values reach the wide greedy
-    paths at small M), seed shuffles CTAs and thread interleavings (0: in order),
-    offset places x that many elements into its buffer (offset % 8 != 0: misaligned).
+    paths at small M), max_grid_z caps the items x splits of one tile launch (smaller
+    values spread small batches over several launches), seed shuffles CTAs and thread
+    interleavings (0: in order), offset places x that many elements into its buffer
+    (offset % 8 != 0: misaligned).
     """
     x3 = x if x.dim() == 3 else x.unsqueeze(0)
     batch, rows, dim = x3.shape
@@ -162,7 +177,7 @@ def run_kernels(runner: str, x: torch.Tensor, k: int = 0, *, sms: int = DEFAULT_
     with tempfile.TemporaryDirectory(prefix="simt-") as tmp:
         raw.numpy().tofile(os.path.join(tmp, "x"))
         out = os.path.join(tmp, "out")
-        args = _shape_args(batch, rows, dim, dtype, k, sms, ptx_version, max_threads)
+        args = _shape_args(batch, rows, dim, dtype, k, sms, ptx_version, max_threads, max_grid_z)
         args += ["--seed", str(seed), "--offset", str(offset), "--input", os.path.join(tmp, "x"), "--out", out]
         result = _run(runner, args, f"kernel_runner {' '.join(args[:16])}")
 

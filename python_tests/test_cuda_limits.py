@@ -9,9 +9,12 @@ pytestmark = requires_cuda
 
 
 def test_largest_register_path():
-    # 40,000 tokens: every thread of the greedy kernel owns up to 64 candidates.
-    x = torch.randn(40_000, 8, device="cuda")
+    # 65,536 tokens: every thread of the greedy kernel owns 64 candidates, and a pick's
+    # row offset pick * M passes 2^31 (int32 would wrap). Peak: two 17 GB matrices.
+    m = 65_536
+    x = torch.randn(m, 8, device="cuda")
     picks = torch.ops.divprune.select(x, 40)
+    assert int(picks.max()) * m >= 2**31
     dist = torch.ops.divprune.pairwise_distance(x)
     assert torch.equal(picks, reference.greedy_select(dist, 40))
     del dist
@@ -39,3 +42,10 @@ def test_out_of_memory_names_the_bytes():
     need = 64 * 65_536 * 65_536 * 4
     with pytest.raises(torch.OutOfMemoryError, match=f"needs {need} bytes"):
         torch.ops.divprune.select(x, 1)
+
+
+def test_empty_batch_past_the_greedy_limit():
+    # Nothing to select: both devices return (0, k), whatever M.
+    for device in ("cpu", "cuda"):
+        x = torch.empty(0, 70_000, 4, device=device)
+        assert torch.ops.divprune.select(x, 1).shape == (0, 1)

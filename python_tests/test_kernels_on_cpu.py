@@ -84,6 +84,32 @@ def test_split_and_batch_invariance(runner, dtype, core, ptx):
             assert torch.equal(run.picks[b], batched_split.picks[i]), f"item {i}: picks differ"
 
 
+@pytest.mark.parametrize("batch,d,sms,launches", [(5, 40, 132, 3), (3, 600, 1000, 2)])
+def test_several_tile_launches(runner, batch, d, sms, launches):
+    # Batches past one launch's grid z (65,535 items x splits) go in several launches;
+    # a small grid-z cap reaches that path at B = 3..5. Same bits as one launch.
+    x = make_input("random", 70, d, seed=d, batch=batch)
+    capped = run_kernels(runner, x, 10, sms=sms, max_grid_z=6 if sms > 132 else 2, seed=4)
+    tile_launches = [launch for launch in capped.plan["launches"] if launch["kernel"] == "distance_tile_kernel"]
+    assert len(tile_launches) == launches
+    whole = run_kernels(runner, x, 10, sms=sms)
+    assert torch.equal(capped.dist, whole.dist) and torch.equal(capped.picks, whole.picks)
+    check_run(x, capped, 10)
+
+
+@pytest.mark.parametrize("dtype,core,ptx", [CORES[0], CORES[1]])
+def test_split_protocol_under_stress(runner, dtype, core, ptx):
+    # Split-D CTAs tell each other they are done with an atomic; shuffled schedules in
+    # waves of interleaved CTAs, where some threads fall far behind, must never let the
+    # last CTA read a partial tile before all its threads wrote it.
+    x = make_input("random", 130, 1024, seed=2, batch=4).to(dtype)
+    whole = run_kernels(runner, x, 0, sms=1, ptx_version=ptx)
+    for seed in range(1, 7):
+        split = run_kernels(runner, x, 0, sms=1000, ptx_version=ptx, seed=seed)
+        assert split.plan["splits"] == 4
+        assert torch.equal(split.dist, whole.dist), f"seed {seed}: split-D distances differ"
+
+
 @pytest.mark.parametrize("m,width", [(20, 1), (50, 2), (100, 4), (200, 8), (300, 16), (600, 32), (1100, 64)])
 def test_every_greedy_width(runner, m, width):
     # A 32-thread greedy block reaches every register width at small M.

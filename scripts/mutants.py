@@ -12,7 +12,7 @@ passes is a hole in the tests. Run it after every kernel change:
 
 Prints a table (mutant, the first test that failed, seconds) and exits 1 if any
 mutant survived, 2 if a mutation no longer applies (the kernel source changed:
-update its `before` text). A full run that catches every mutant writes
+update its `before` text) or a mutant breaks the build instead of a test. A full run that catches every mutant writes
 scripts/mutants.record: a hash of the kernels, the runtime and the kernel tests,
 and the table. CI checks that hash, so a change to any of them lands only with a
 fresh passing run.
@@ -81,6 +81,13 @@ MUTANTS = [
     Mutant("split-last-arrival", "distance_tiles.cuh",
            "  if (!is_last) return false;\n", "",
            "split-D: every split thinks it arrived last"),
+    Mutant("split-arrival-barrier", "distance_tiles.cuh",
+           "  __threadfence();  // this split's partial is visible to the last one before it counts\n  __syncthreads();\n",
+           "  __threadfence();  // this split's partial is visible to the last one before it counts\n",
+           "split-D: a CTA counts itself done before all its threads stored their partials"),
+    Mutant("launch-batch-offset", "distance_tiles.cuh",
+           "job.batch = batch0 + blockIdx.z / splits;", "job.batch = blockIdx.z / splits;",
+           "tile launches after the first recompute the first items"),
     Mutant("split-sum-order", "distance_tiles.cuh",
            "for (int s = 0; s < splits; ++s) sum +=", "for (int s = 1; s < splits; ++s) sum +=",
            "split-D: the first chunk's partial is left out"),
@@ -144,10 +151,13 @@ def run(mutant: Mutant):
         env = dict(os.environ, DIVPRUNE_SIMT_KERNELS=tmp, DIVPRUNE_REQUIRE_SIMT="1")
         result = subprocess.run([sys.executable, "-m", "pytest", TESTS, "-x", "-q", "-p", "no:cacheprovider"],
                                 cwd=ROOT, env=env, capture_output=True, text=True)
-    failed = re.search(r"^(?:FAILED|ERROR) \S+::(\S+)", result.stdout, re.M)
+    failed = re.search(r"^FAILED \S+::(\S+)", result.stdout, re.M)
     if result.returncode == 0:
         return False, "survived: every kernel test passed", time.time() - start
-    return True, failed.group(1) if failed else f"pytest exit {result.returncode}", time.time() - start
+    if not failed:  # the mutant did not build, or a fixture broke: it proves nothing
+        raise RuntimeError(f"mutant {mutant.name}: no test failed, pytest exit {result.returncode}:\n"
+                           f"{result.stdout[-3000:]}")
+    return True, failed.group(1), time.time() - start
 
 
 def sources_hash() -> str:
@@ -201,10 +211,14 @@ def main() -> int:
     print(f"{'mutant':28} {'caught by':58} {'s':>5}")
     survivors, table = 0, ["| mutant | what it breaks | first test that failed |", "| --- | --- | --- |"]
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        for m, (caught, by, seconds) in zip(chosen, pool.map(run, chosen)):
-            survivors += not caught
-            print(f"{m.name:28} {by:58} {seconds:5.0f}", flush=True)
-            table.append(f"| `{m.name}` | {m.breaks} | `{by}` |")
+        try:
+            for m, (caught, by, seconds) in zip(chosen, pool.map(run, chosen)):
+                survivors += not caught
+                print(f"{m.name:28} {by:58} {seconds:5.0f}", flush=True)
+                table.append(f"| `{m.name}` | {m.breaks} | `{by}` |")
+        except RuntimeError as error:
+            print(error, file=sys.stderr)
+            return 2
     print(f"{len(chosen) - survivors} of {len(chosen)} mutants caught")
     if survivors:
         return 1

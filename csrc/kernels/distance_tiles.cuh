@@ -98,8 +98,8 @@ struct FmaCore {
 
 // Tensor-core core for fp16/bf16: 4 warps, warp w a 32x32 quarter of the tile
 // (rows (w/2)*32.., columns (w%2)*32..) as 2x2 WMMA 16x16x16 fragments with float32
-// accumulators. Products of two 16-bit values are exact in float32, so only the
-// summation order differs from fp32. Stages of 32 features are double-buffered:
+// accumulators. Products of two 16-bit values are exact in float32; the sums differ
+// from fp32 FMAs in order and rounding (tensor cores may truncate), at rounding level. Stages of 32 features are double-buffered:
 // the next stage's global loads are in flight in registers during this stage's MMAs.
 template <typename scalar_t>
 struct TensorCoreCore {

@@ -13,7 +13,8 @@ constexpr int kTile = 64;  // Gram tile edge, rows and columns
 // The D reduction runs in chunks of this many features, each summed from zero and
 // then added to the tile's total in chunk order, whether the chunks run in one CTA
 // or in separate CTAs (split-D). The order depends on D alone, so an item's
-// distances are the same bits whatever the batch size or the GPU.
+// distances are the same bits whatever the batch size or the SM count (for one
+// GPU architecture and build: the core, and tensor-core rounding, may differ).
 constexpr int64_t kChunkFeatures = 256;
 // The greedy kernel keeps up to this many candidates per thread in registers.
 constexpr int kMaxCandidatesPerThread = 64;
@@ -31,6 +32,7 @@ struct DeviceLimits {
   // device: below 80 its tensor-core branch is compiled out (see TensorCoreCore).
   int tensor_core_ptx_version = 0;
   int max_greedy_threads = kMaxGreedyThreads;  // smaller values reach the wide greedy paths at small M
+  int64_t max_grid_z = kMaxGridZ;  // smaller values spread small batches over several tile launches
 };
 
 struct LaunchPlan {
@@ -71,9 +73,10 @@ inline LaunchPlan make_launch_plan(int64_t batch, int64_t rows, int64_t dim, DTy
   plan.tile_slots = batch * plan.tiles_per_side * plan.tiles_per_side;
   plan.chunks = (dim + kChunkFeatures - 1) / kChunkFeatures;
   // Too few tiles for two per multiprocessor: give every chunk its own CTA.
-  const bool split = plan.chunks > 1 && plan.chunks <= kMaxGridZ && plan.tiles < 2 * int64_t(device.multiprocessors);
+  const bool split =
+      plan.chunks > 1 && plan.chunks <= device.max_grid_z && plan.tiles < 2 * int64_t(device.multiprocessors);
   plan.splits = split ? int(plan.chunks) : 1;
-  plan.items_per_launch = kMaxGridZ / plan.splits;
+  plan.items_per_launch = device.max_grid_z / plan.splits;
 
   const int64_t warps_needed = (rows + 31) / 32;
   plan.greedy_threads = int(std::min<int64_t>(warps_needed * 32, device.max_greedy_threads));

@@ -4,8 +4,8 @@
 // drives it; it has no torch dependency, so the sanitizers see only this code.
 //
 //   kernel_runner --dtype float16 --batch B --rows M --dim D --input FILE --out PREFIX
-//                 [--k K] [--sms N] [--ptx-version V] [--max-threads T] [--seed S]
-//                 [--offset E] [--plan-only]
+//                 [--k K] [--sms N] [--ptx-version V] [--max-threads T] [--max-grid-z Z]
+//                 [--seed S] [--offset E] [--plan-only]
 //   kernel_runner --self-test NAME [--seed S]      (a deliberately broken kernel)
 //
 // Reads B*M*D values (raw bytes of the dtype) from FILE into a buffer of exactly
@@ -64,6 +64,7 @@ Options parse(int argc, char** argv) {
     else if (flag == "--sms") o.device.multiprocessors = std::stoi(value);
     else if (flag == "--ptx-version") o.device.tensor_core_ptx_version = std::stoi(value);
     else if (flag == "--max-threads") o.device.max_greedy_threads = std::stoi(value);
+    else if (flag == "--max-grid-z") o.device.max_grid_z = std::stoll(value);
     else if (flag == "--seed") o.seed = std::stoull(value);
     else if (flag == "--input") o.input = value;
     else if (flag == "--out") o.out = value;
@@ -73,6 +74,7 @@ Options parse(int argc, char** argv) {
   if (o.k < 0 || o.k > o.rows) usage("--k must be in [1, rows]");
   const int threads = o.device.max_greedy_threads;
   if (threads < 32 || threads > kMaxGreedyThreads || threads % 32 != 0) usage("--max-threads: a multiple of 32 in [32, 1024]");
+  if (o.device.max_grid_z < 1 || o.device.max_grid_z > kMaxGridZ) usage("--max-grid-z must be in [1, 65535]");
   return o;
 }
 

@@ -1,10 +1,16 @@
-// The host SIMT runtime behind simt.h: fibers, the per-CTA scheduler and its checks.
+// The host SIMT runtime behind simt.h: fibers, the scheduler and its checks.
 //
-// A CTA's threads are fibers on one OS thread. A fiber runs until it reaches a
-// barrier, a warp-synchronous call or its end, then switches back to the
-// scheduler, which completes barriers and warp calls once every participant has
-// arrived and picks the next fiber to run: in thread order (seed 0; fibers are
-// released in reverse and taken from the back) or at random (any other seed).
+// A launch runs in waves of CTAs (as many as fit kWaveThreads threads); the threads
+// of a wave are fibers on one OS thread, in one pool. A fiber runs until it reaches
+// a barrier, a warp-synchronous call, an atomic or a fence, or its end, then
+// switches back to the scheduler, which completes barriers and warp calls once
+// every participant has arrived and picks the next fiber to run: in order (seed 0;
+// fibers are released in reverse and taken from the back) or at random (any other
+// seed). With a seed, a barrier also leaves one of its threads behind now and then
+// (one release in four): left-behind threads run one at a time, oldest first, only
+// when no other thread of the wave can, so their CTAs stall at their next barrier
+// while other CTAs run on. That exposes what uniform picks rarely do: a CTA telling
+// other CTAs (an atomic) that it is done before all its threads have written.
 #include "simt/simt.h"
 
 #include <sys/mman.h>
@@ -41,10 +47,25 @@ namespace {
 
 constexpr size_t kStackBytes = 256 << 10;  // per fiber; ASan frames are large
 constexpr size_t kGuardBytes = 4096;        // an inaccessible page below each stack
+constexpr unsigned kWaveThreads = 16384;    // threads of the CTAs that run interleaved
 
 enum class State { Runnable, AtBarrier, AtWarpOp, Exited };
 
+struct SharedBlock {
+  const void* tag;
+  void* memory;
+};
+
+struct Cta {
+  uint3 idx{};
+  unsigned first_fiber = 0;  // its threads are fibers[first_fiber, first_fiber + threads_per_cta)
+  unsigned at_barrier = 0, exited = 0;
+  std::vector<uint32_t> warp_waiting;  // per warp: lanes waiting in a warp call
+  std::vector<SharedBlock> shared_blocks;
+};
+
 struct Fiber {
+  Cta* cta = nullptr;
   unsigned index = 0;  // linear thread index in the CTA
   uint3 idx{};
   State state = State::Runnable;
@@ -61,21 +82,16 @@ struct Fiber {
   void* fake_stack = nullptr;  // ASan's bookkeeping across switches
 };
 
-struct SharedBlock {
-  const void* tag;
-  void* memory;
-};
-
 // The launch being run.
 const char* kernel_name = nullptr;
 void (*kernel_body)(void*) = nullptr;
 void* kernel_context = nullptr;
-std::vector<Fiber> fibers;
+std::vector<Cta> ctas;       // the wave
+std::vector<Fiber> fibers;   // the wave's threads
 std::vector<Fiber*> runnable;
-std::vector<uint32_t> warp_waiting;  // per warp: lanes waiting in a warp call
-std::vector<SharedBlock> shared_blocks;
+std::vector<Fiber*> left_behind;  // run only when nothing in `runnable` can
 Fiber* current = nullptr;
-unsigned threads_per_cta = 0, at_barrier = 0, exited = 0;
+unsigned threads_per_cta = 0;
 std::mt19937_64 rng;
 bool shuffle_order = false;
 
@@ -88,7 +104,8 @@ ucontext_t scheduler_context;
 const void* scheduler_stack_bottom = nullptr;
 size_t scheduler_stack_size = 0;
 
-std::vector<char*> stacks;  // reused by every CTA
+std::vector<char*> stacks;  // reused by every wave
+uint16_t fragment_layouts[3][256];
 
 }  // namespace
 
@@ -96,8 +113,9 @@ std::vector<char*> stacks;  // reused by every CTA
   std::fflush(stdout);
   std::fprintf(stderr, "simt: %s", kernel_name ? kernel_name : "(no kernel)");
   if (current) {
-    std::fprintf(stderr, ", CTA (%u, %u, %u), thread (%u, %u, %u)", block_idx.x, block_idx.y, block_idx.z,
-                 current->idx.x, current->idx.y, current->idx.z);
+    const uint3 b = current->cta->idx;
+    std::fprintf(stderr, ", CTA (%u, %u, %u), thread (%u, %u, %u)", b.x, b.y, b.z, current->idx.x, current->idx.y,
+                 current->idx.z);
   }
   std::fprintf(stderr, ": ");
   va_list args;
@@ -110,6 +128,8 @@ std::vector<char*> stacks;  // reused by every CTA
 }
 
 unsigned lane_id() { return current->index % 32; }
+
+const uint16_t* fragment_layout(int use) { return fragment_layouts[use]; }
 
 }  // namespace detail
 }  // namespace simt
@@ -243,7 +263,7 @@ namespace simt {
 namespace detail {
 namespace {
 
-void ensure_stacks(unsigned count) {
+void ensure_stacks(size_t count) {
   while (stacks.size() < count) {
     void* memory = mmap(nullptr, kGuardBytes + kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (memory == MAP_FAILED) fail("cannot map a fiber stack");
@@ -253,9 +273,12 @@ void ensure_stacks(unsigned count) {
 }
 
 Fiber* take_runnable() {
-  const size_t pick = shuffle_order ? size_t(rng() % runnable.size()) : runnable.size() - 1;
-  Fiber* fiber = runnable[pick];
-  runnable[pick] = runnable.back();
+  if (runnable.empty()) {  // the longest left-behind thread moves on; the others stay behind
+    runnable.push_back(left_behind.front());
+    left_behind.erase(left_behind.begin());
+  }
+  if (shuffle_order) std::swap(runnable[size_t(rng() % runnable.size())], runnable.back());
+  Fiber* fiber = runnable.back();
   runnable.pop_back();
   return fiber;
 }
@@ -265,16 +288,21 @@ void release(Fiber& fiber) {
   runnable.push_back(&fiber);
 }
 
+Fiber& thread_of(const Cta& cta, unsigned index) { return fibers[cta.first_fiber + index]; }
+
 std::string describe_thread(const Fiber& fiber) {
   char text[64];
   std::snprintf(text, sizeof text, "thread (%u, %u, %u)", fiber.idx.x, fiber.idx.y, fiber.idx.z);
   return text;
 }
 
-// Every thread that has not exited waits at a barrier.
-void complete_barrier() {
+// Every thread of the CTA that has not exited waits at a barrier.
+void complete_barrier(Cta& cta) {
   const Fiber* first = nullptr;
-  for (const Fiber& f : fibers) {
+  const Fiber* gone = nullptr;
+  for (unsigned t = 0; t < threads_per_cta; ++t) {
+    const Fiber& f = thread_of(cta, t);
+    if (f.state == State::Exited && !gone) gone = &f;
     if (f.state != State::AtBarrier) continue;
     if (!first) first = &f;
     if (std::strcmp(f.site, first->site) != 0) {
@@ -282,24 +310,23 @@ void complete_barrier() {
            first->site, describe_thread(f).c_str(), f.site);
     }
   }
-  if (exited > 0) {
-    const Fiber* gone = nullptr;
-    for (const Fiber& f : fibers) {
-      if (f.state == State::Exited) {
-        gone = &f;
-        break;
-      }
-    }
-    fail("barrier divergence: %u threads wait at __syncthreads() at %s, but %u have exited (first: %s)", at_barrier,
-         first->site, exited, describe_thread(*gone).c_str());
+  if (gone) {
+    fail("barrier divergence: %u threads wait at __syncthreads() at %s, but %u have exited (first: %s)",
+         cta.at_barrier, first->site, cta.exited, describe_thread(*gone).c_str());
   }
-  at_barrier = 0;
-  for (auto f = fibers.rbegin(); f != fibers.rend(); ++f) {
-    if (f->state == State::AtBarrier) release(*f);
+  cta.at_barrier = 0;
+  for (unsigned t = threads_per_cta; t-- > 0;) {
+    if (thread_of(cta, t).state == State::AtBarrier) release(thread_of(cta, t));
+  }
+  if (shuffle_order && rng() % 4 == 0) {  // leave one of them behind
+    std::swap(runnable[runnable.size() - 1 - size_t(rng() % threads_per_cta)], runnable.back());
+    left_behind.push_back(runnable.back());
+    runnable.pop_back();
   }
 }
 
 void arrive_at_warp_call(Fiber& fiber) {
+  Cta& cta = *fiber.cta;
   const unsigned warp = fiber.index / 32, lane = fiber.index % 32;
   const unsigned lanes = std::min(32u, threads_per_cta - warp * 32);
   const uint32_t existing = lanes == 32 ? 0xFFFFFFFFu : (1u << lanes) - 1;
@@ -308,13 +335,13 @@ void arrive_at_warp_call(Fiber& fiber) {
     fail("%s: mask 0x%08x names lanes of warp %u that do not exist (it has %u threads)", fiber.site, fiber.mask, warp,
          lanes);
   }
-  warp_waiting[warp] |= 1u << lane;
-  if ((warp_waiting[warp] & fiber.mask) != fiber.mask) return;
+  cta.warp_waiting[warp] |= 1u << lane;
+  if ((cta.warp_waiting[warp] & fiber.mask) != fiber.mask) return;
 
   void* args[32] = {};
   for (unsigned l = 0; l < 32; ++l) {
     if (!(fiber.mask >> l & 1)) continue;
-    Fiber& other = fibers[warp * 32 + l];
+    const Fiber& other = thread_of(cta, warp * 32 + l);
     if (other.complete != fiber.complete || other.mask != fiber.mask) {
       fail("warp %u: lane %u is in %s with mask 0x%08x, lane %u in %s with mask 0x%08x", warp, lane, fiber.site,
            fiber.mask, l, other.site, other.mask);
@@ -322,19 +349,20 @@ void arrive_at_warp_call(Fiber& fiber) {
     args[l] = other.args;
   }
   fiber.complete(args, fiber.mask);
-  warp_waiting[warp] &= ~fiber.mask;
+  cta.warp_waiting[warp] &= ~fiber.mask;
   for (unsigned l = 32; l-- > 0;) {
-    if (fiber.mask >> l & 1) release(fibers[warp * 32 + l]);
+    if (fiber.mask >> l & 1) release(thread_of(cta, warp * 32 + l));
   }
 }
 
-[[noreturn]] void report_deadlock() {
+[[noreturn]] void report_deadlock(const Cta& cta) {
   std::string waiting;
-  for (const Fiber& f : fibers) {
+  for (unsigned t = 0; t < threads_per_cta; ++t) {
+    const Fiber& f = thread_of(cta, t);
     if (f.state == State::Exited) continue;
     char text[200];
-    std::snprintf(text, sizeof text, "\n  %s (warp %u, lane %u) waits in %s%s", describe_thread(f).c_str(), f.index / 32,
-                  f.index % 32, f.state == State::AtBarrier ? "__syncthreads() at " : "", f.site);
+    std::snprintf(text, sizeof text, "\n  %s (warp %u, lane %u) waits in %s%s", describe_thread(f).c_str(), t / 32,
+                  t % 32, f.state == State::AtBarrier ? "__syncthreads() at " : "", f.site);
     waiting += text;
     if (f.state == State::AtWarpOp) {
       std::snprintf(text, sizeof text, " (mask 0x%08x)", f.mask);
@@ -342,48 +370,65 @@ void arrive_at_warp_call(Fiber& fiber) {
     }
   }
   current = nullptr;
-  fail("deadlock in CTA (%u, %u, %u): %u of %u threads have exited, the others can never continue:%s", block_idx.x,
-       block_idx.y, block_idx.z, exited, threads_per_cta, waiting.c_str());
+  fail("deadlock in CTA (%u, %u, %u): %u of %u threads have exited, the others can never continue:%s", cta.idx.x,
+       cta.idx.y, cta.idx.z, cta.exited, threads_per_cta, waiting.c_str());
 }
 
-void run_cta() {
-  for (unsigned t = 0; t < threads_per_cta; ++t) {
-    Fiber& f = fibers[t];
-    f = Fiber{};
-    f.index = t;
-    f.idx = make_uint3(t % block_dim.x, t / block_dim.x % block_dim.y, t / (block_dim.x * block_dim.y));
-    f.stack = stacks[t];
-    prepare_stack(f);
-  }
+// Runs the CTAs `wave` (linear block indices) interleaved, to the end.
+void run_wave(const uint64_t* wave, size_t count) {
+  ctas.resize(count);
   runnable.clear();
-  for (unsigned t = threads_per_cta; t-- > 0;) runnable.push_back(&fibers[t]);
-  std::fill(warp_waiting.begin(), warp_waiting.end(), 0u);
-  at_barrier = exited = 0;
+  for (size_t w = 0; w < count; ++w) {
+    Cta& cta = ctas[w];
+    const uint64_t c = wave[w];
+    cta.idx = make_uint3(unsigned(c % grid_dim.x), unsigned(c / grid_dim.x % grid_dim.y),
+                         unsigned(c / (uint64_t(grid_dim.x) * grid_dim.y)));
+    cta.first_fiber = unsigned(w * threads_per_cta);
+    cta.at_barrier = cta.exited = 0;
+    cta.warp_waiting.assign((threads_per_cta + 31) / 32, 0u);
+    for (unsigned t = 0; t < threads_per_cta; ++t) {
+      Fiber& f = thread_of(cta, t);
+      f = Fiber{};
+      f.cta = &cta;
+      f.index = t;
+      f.idx = make_uint3(t % block_dim.x, t / block_dim.x % block_dim.y, t / (block_dim.x * block_dim.y));
+      f.stack = stacks[cta.first_fiber + t];
+      prepare_stack(f);
+    }
+  }
+  for (size_t f = count * threads_per_cta; f-- > 0;) release(fibers[f]);
 
-  while (!runnable.empty()) {
+  while (!runnable.empty() || !left_behind.empty()) {
     Fiber& fiber = *take_runnable();
     current = &fiber;
     thread_idx = fiber.idx;
+    block_idx = fiber.cta->idx;
     switch_to(fiber);
+    Cta& cta = *fiber.cta;
     switch (fiber.state) {
+      case State::Runnable:  // yielded at an atomic or a fence
+        release(fiber);
+        break;
       case State::Exited:
-        ++exited;
+        ++cta.exited;
         break;
       case State::AtBarrier:
-        ++at_barrier;
+        ++cta.at_barrier;
         break;
       case State::AtWarpOp:
         arrive_at_warp_call(fiber);
         break;
-      case State::Runnable:
-        fail("a fiber came back without waiting");
     }
-    if (at_barrier > 0 && at_barrier + exited == threads_per_cta) complete_barrier();
+    if (cta.at_barrier > 0 && cta.at_barrier + cta.exited == threads_per_cta) complete_barrier(cta);
   }
-  if (exited != threads_per_cta) report_deadlock();
+  for (const Cta& cta : ctas) {
+    if (cta.exited != threads_per_cta) report_deadlock(cta);
+  }
   current = nullptr;
-  for (const SharedBlock& block : shared_blocks) std::free(block.memory);
-  shared_blocks.clear();
+  for (Cta& cta : ctas) {
+    for (const SharedBlock& block : cta.shared_blocks) std::free(block.memory);
+    cta.shared_blocks.clear();
+  }
 }
 
 }  // namespace
@@ -405,15 +450,20 @@ void warp_sync_op(const char* name, uint32_t mask, WarpComplete complete, void* 
   switch_to_scheduler(fiber, /*exiting=*/false);
 }
 
+void yield_to_other_threads() {
+  if (current) switch_to_scheduler(*current, /*exiting=*/false);  // stays Runnable
+}
+
 void* shared_block(const void* tag, size_t size, size_t alignment) {
   if (!current) fail("shared memory used outside a kernel");
-  for (const SharedBlock& block : shared_blocks) {
+  std::vector<SharedBlock>& blocks = current->cta->shared_blocks;
+  for (const SharedBlock& block : blocks) {
     if (block.tag == tag) return block.memory;
   }
   void* memory = nullptr;
   if (posix_memalign(&memory, std::max(alignment, sizeof(void*)), size) != 0) fail("cannot allocate shared memory");
   std::memset(memory, 0xFF, size);  // NaN floats, all-ones integers: reading what nothing wrote shows up
-  shared_blocks.push_back({tag, memory});
+  blocks.push_back({tag, memory});
   return memory;
 }
 
@@ -452,19 +502,23 @@ void run_grid(const char* kernel, dim3 grid, dim3 block, uint64_t seed, void (*b
   block_dim = block;
   grid_dim = grid;
   threads_per_cta = unsigned(threads);
-  fibers.assign(threads_per_cta, Fiber{});
-  warp_waiting.assign((threads_per_cta + 31) / 32, 0u);
-  ensure_stacks(threads_per_cta);
   shuffle_order = seed != 0;
   rng.seed(seed);
+  for (auto& layout : fragment_layouts) {
+    for (int i = 0; i < 256; ++i) layout[i] = uint16_t(i);
+    if (shuffle_order) std::shuffle(std::begin(layout), std::end(layout), rng);
+  }
 
-  const uint64_t ctas = uint64_t(grid.x) * grid.y * grid.z;
-  std::vector<uint64_t> order(ctas);
-  for (uint64_t c = 0; c < ctas; ++c) order[c] = c;
-  if (shuffle_order) std::shuffle(order.begin(), order.end(), rng);
-  for (const uint64_t c : order) {
-    block_idx = make_uint3(unsigned(c % grid.x), unsigned(c / grid.x % grid.y), unsigned(c / (uint64_t(grid.x) * grid.y)));
-    run_cta();
+  const uint64_t count = uint64_t(grid.x) * grid.y * grid.z;
+  std::vector<uint64_t> blocks(count);
+  for (uint64_t c = 0; c < count; ++c) blocks[c] = c;
+  if (shuffle_order) std::shuffle(blocks.begin(), blocks.end(), rng);
+  const size_t wave = std::max<size_t>(1, std::min<uint64_t>(count, kWaveThreads / threads_per_cta));
+  ensure_stacks(wave * threads_per_cta);
+  fibers.assign(wave * threads_per_cta, Fiber{});
+  ctas.reserve(wave);  // fibers point at their Cta: no reallocation while a wave runs
+  for (uint64_t first = 0; first < count; first += wave) {
+    run_wave(blocks.data() + first, size_t(std::min<uint64_t>(wave, count - first)));
   }
   kernel_name = nullptr;
 }

@@ -3,8 +3,9 @@
 // The kernel headers in csrc/kernels/ include this file instead of the CUDA
 // device headers when they are compiled by a host C++ compiler; nothing in the
 // kernels is copied or rewritten. simt::launch runs a __global__ function over a
-// grid: CTAs one after another, the threads of a CTA as cooperative fibers that
-// switch only at __syncthreads and warp-synchronous calls (shuffles, votes, WMMA).
+// grid: CTAs in waves of up to 16,384 threads, the threads of a wave as cooperative
+// fibers that switch only at __syncthreads, warp-synchronous calls (shuffles,
+// votes, WMMA), atomics and __threadfence.
 //
 // It finds bugs, not only runs code:
 //   * barrier divergence (threads of a CTA at different __syncthreads, or some
@@ -13,14 +14,20 @@
 //     WMMA, misaligned vector loads and WMMA pointers: each stops the run with a
 //     report naming the kernel, the CTA and the thread;
 //   * a nonzero seed shuffles the CTA order and the order in which fibers resume
-//     after every barrier and warp call, so a missing barrier changes the result;
+//     after every barrier, warp call, atomic and fence, leaves threads behind at
+//     barriers (runtime.cpp), and permutes the WMMA fragment layout (wmma.h), so a
+//     missing barrier changes the result, also one that should order a CTA's writes
+//     before the atomic that tells other CTAs it is done;
 //   * shared memory (simt::shared_storage) is a fresh heap block per CTA, filled
 //     with 0xFF bytes (NaN floats), so reading what nothing wrote shows up; built
 //     with -fsanitize=address, an out-of-bounds access to it or to any buffer the
 //     caller allocated with exact sizes stops the run.
-// It cannot see: memory-ordering bugs between CTAs (a missing __threadfence) or
-// between warps that only real concurrency exposes, since CTAs never overlap
-// and fibers switch only at the calls above.
+// It cannot see what needs real concurrency or a memory model: a missing
+// __threadfence (every write is visible at once), a plain read-modify-write where an
+// atomic belongs (nothing runs between its read and its write), code that relies on
+// warp lanes running in lockstep between warp calls (here every warp call also
+// waits for all lanes in its mask, like __syncwarp), a kernel that waits for a CTA
+// of a later wave.
 //
 // Numerics: __half / __nv_bfloat16 come from CUDA's own headers (same rounding as
 // the device); WMMA multiplies exactly and accumulates in float32 in k order (real
@@ -56,6 +63,10 @@ extern dim3 block_dim, grid_dim;
 // Runs `body` once per thread of every CTA of the grid.
 void run_grid(const char* kernel, dim3 grid, dim3 block, uint64_t seed, void (*body)(void*), void* context);
 
+// Lets other threads run first (atomics and fences: where other CTAs' threads can
+// interleave with this one on a GPU).
+void yield_to_other_threads();
+
 // The calling thread waits at the CTA barrier at `site` until every thread of
 // the CTA arrives there.
 void sync_threads(const char* site);
@@ -71,6 +82,10 @@ void warp_sync_op(const char* name, uint32_t mask, WarpComplete complete, void* 
 void* shared_block(const void* tag, size_t size, size_t alignment);
 
 unsigned lane_id();
+
+// The element layout of WMMA fragments of kind `use` (0: matrix_a, 1: matrix_b,
+// 2: accumulator) in this launch: 256 row-major indices (see wmma.h).
+const uint16_t* fragment_layout(int use);
 }  // namespace detail
 
 // Default seed of simt::launch; the tests' kernel runner sets it per run.
@@ -133,8 +148,8 @@ inline float __uint_as_float(uint32_t u) {
 
 [[noreturn]] inline void __trap() { ::simt::detail::fail("__trap()"); }
 
-// Memory ordering between CTAs is invisible here: CTAs run one after another.
-inline void __threadfence() {}
+// Every write is visible at once here; a fence is only a point where others may run.
+inline void __threadfence() { ::simt::detail::yield_to_other_threads(); }
 
 template <typename T>
 T __ldg(const T* p) {
@@ -149,14 +164,16 @@ T __ldcg(const T* p) {
   return __ldg(p);
 }
 
-// Atomics: fibers switch only at synchronising calls, so a plain update is atomic.
+// Atomics: others may run first; the update itself runs without a switch, so it is atomic.
 inline unsigned atomicMin(unsigned* address, unsigned value) {
+  ::simt::detail::yield_to_other_threads();
   const unsigned old = *address;
   *address = std::min(old, value);
   return old;
 }
 
 inline int atomicAdd(int* address, int value) {
+  ::simt::detail::yield_to_other_threads();
   const int old = *address;
   *address = old + value;
   return old;

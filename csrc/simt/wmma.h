@@ -1,10 +1,13 @@
 // nvcuda::wmma on the host SIMT runtime: 16x16x16 fragments, fp16 / bf16 inputs,
 // float32 accumulators.
 //
-// A fragment holds its matrix spread over the warp: lane l keeps elements
-// 8l .. 8l+7 of the matrix in row-major order (matrix_a: M x K, matrix_b: K x N,
-// accumulator: M x N). Kernels may combine the elements of fragments of one shape
-// elementwise (x[e], num_elements), which means the same thing in any layout.
+// A fragment holds its matrix spread over the warp, 8 elements per lane (matrix_a:
+// M x K, matrix_b: K x N, accumulator: M x N). Which element of the matrix lane l's
+// x[e] is, is unspecified on a GPU and differs between architectures: here it is
+// the row-major element layout[8l + e], where `layout` is the identity for seed 0
+// and a random permutation per fragment kind for other seeds, so a kernel that
+// relies on one layout gives different results. Combining fragments of one kind
+// elementwise (x[e], num_elements) means the same in every layout.
 // load / store / mma are warp-synchronous: every lane of a full warp must call
 // them with the same pointer and stride, and they run once for the warp.
 #pragma once
@@ -27,12 +30,20 @@ template <typename Use, int M, int N, int K, typename T, typename Layout = void>
 struct fragment {
   static_assert(M == 16 && N == 16 && K == 16, "the host runtime has 16x16x16 fragments only");
   using element_type = T;
+  using use = Use;
   static constexpr int rows = 16, cols = 16;
   static constexpr int num_elements = rows * cols / 32;
   T x[num_elements];
 };
 
 namespace detail {
+
+template <typename Use>
+const uint16_t* layout_of() {
+  return ::simt::detail::fragment_layout(std::is_same<Use, matrix_a>::value   ? 0
+                                         : std::is_same<Use, matrix_b>::value ? 1
+                                                                              : 2);
+}
 
 // Arguments of one lane's load or store.
 struct MemoryArgs {
@@ -75,7 +86,7 @@ void complete_load(void* const* args, uint32_t mask) {
   for (int lane = 0; lane < 32; ++lane) {
     auto& frag = *static_cast<Frag*>(static_cast<MemoryArgs*>(args[lane])->fragment);
     for (int e = 0; e < Frag::num_elements; ++e) {
-      const int index = lane * Frag::num_elements + e;
+      const int index = layout_of<typename Frag::use>()[lane * Frag::num_elements + e];
       frag.x[e] = source[memory_offset(first, index / Frag::cols, index % Frag::cols)];
     }
   }
@@ -90,7 +101,7 @@ void complete_store(void* const* args, uint32_t mask) {
   for (int lane = 0; lane < 32; ++lane) {
     const auto& frag = *static_cast<const Frag*>(static_cast<MemoryArgs*>(args[lane])->fragment);
     for (int e = 0; e < Frag::num_elements; ++e) {
-      const int index = lane * Frag::num_elements + e;
+      const int index = layout_of<typename Frag::use>()[lane * Frag::num_elements + e];
       target[memory_offset(first, index / Frag::cols, index % Frag::cols)] = frag.x[e];
     }
   }
@@ -106,7 +117,7 @@ void gather(void* const* args, size_t member, float (&matrix)[16][16]) {
   for (int lane = 0; lane < 32; ++lane) {
     const auto& frag = *static_cast<const Frag*>(static_cast<void* const*>(args[lane])[member]);
     for (int e = 0; e < Frag::num_elements; ++e) {
-      const int index = lane * Frag::num_elements + e;
+      const int index = layout_of<typename Frag::use>()[lane * Frag::num_elements + e];
       matrix[index / Frag::cols][index % Frag::cols] = as_float(frag.x[e]);
     }
   }
@@ -132,7 +143,7 @@ void complete_mma(void* const* args, uint32_t) {
   for (int lane = 0; lane < 32; ++lane) {
     auto& frag = *static_cast<FragD*>(static_cast<void* const*>(args[lane])[0]);
     for (int e = 0; e < FragD::num_elements; ++e) {
-      const int index = lane * FragD::num_elements + e;
+      const int index = layout_of<typename FragD::use>()[lane * FragD::num_elements + e];
       frag.x[e] = d[index / FragD::cols][index % FragD::cols];
     }
   }

@@ -21,7 +21,7 @@ from setuptools import find_packages, setup
 
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"  # A100, H100/H200, and PTX for newer GPUs
 HERE = os.path.dirname(os.path.abspath(__file__))
-TRANSFORMERS = "transformers>=5.17,<6"  # the versions divprune_ext.llava is tested with
+TRANSFORMERS = "transformers>=5.17,<6"  # the versions divprune_ext.hf is tested with
 
 
 def read_version():
@@ -160,7 +160,7 @@ setup(
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
     ],
     packages=find_packages(include=["divprune_ext", "divprune_ext.*"]),
-    python_requires=">=3.10",  # as torch 2.13 and 2.14 (the releases it is tested with) require
+    python_requires=">=3.10",  # as the torch releases it is tested with (2.11 to 2.14.1) require
     install_requires=["torch", "numpy"],
     extras_require={
         "test": ["pytest"],

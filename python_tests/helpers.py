@@ -48,6 +48,17 @@ def make_input(kind: str, m: int, d: int, seed: int = 0, batch=None) -> torch.Te
 INPUT_KINDS = ["random", "duplicates", "multiples", "clusters", "zero_rows", "one_hot", "integer_grid"]
 
 
+def nan_inputs():
+    """Inputs with NaN / Inf rows, where only the ranking rules decide the picks (every
+    finite distance is exactly 1): a NaN distance ranks its row last on every device."""
+    small = torch.tensor([[1.0, 0.0], [float("nan"), 0.0], [0.0, 1.0]])
+    ties = make_input("one_hot", 40, 64)
+    ties[5] = float("nan")
+    ties[17, 3] = float("nan")
+    ties[30, 2] = float("inf")
+    return [small, ties]
+
+
 def assert_max_min_greedy(dist: torch.Tensor, picks: torch.Tensor, tol: float = 0.0) -> None:
     """Replays the greedy max-min selection on `dist` (M, M) along `picks` (k,).
 

@@ -1,29 +1,37 @@
 """Tiny randomly initialised vision-language models and processor-like prompts, on the CPU.
 
-Each family is a :class:`Family`: ``model()`` builds the model (float64, so that batched
-and one-by-one runs agree to ~1e-12 and greedy decoding can't flip on rounding), and
-``row(model, images, video, seed)`` returns one prompt as the family's processor would:
-``input_ids`` (1, L) with one placeholder per visual token, the pixel tensors of its
-images / video, and where each visual item's placeholders are. :func:`collate`
-left-pads rows into a batch, as processors do for generation. A test module imports
-:func:`one_thread` to run its tiny models on one thread.
+:func:`build` makes a tiny model of a family (``FAMILIES`` for the LLaVA family and
+Gemma 3, ``QWEN_KINDS`` for Qwen-VL) in float64, so that batched and one-by-one runs agree
+to ~1e-12 and greedy decoding can't flip on rounding. Prompts come as the family's
+processor would write them, one placeholder per visual token: :func:`row` makes one
+LLaVA / Gemma 3 prompt with its pixels and where each visual item's placeholders are,
+:func:`collate` left-pads rows into a batch; :func:`qwen_batch` makes a left-padded
+Qwen-VL batch from a list of items per row. :func:`right_padded` turns a batch into a
+right-padded one. A test module imports :func:`one_thread` to run its tiny models on
+one thread, and the checks its families share from here (:class:`HostReads`,
+:func:`check_padding_sides`, ...).
 """
 import contextlib
 import inspect
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import pytest
 import torch
 import transformers
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import divprune_ext.hf as hf
 
-PAD, IMAGE, VIDEO, BOI, EOI = 0, 99, 98, 97, 96
+PAD, IMAGE, VIDEO, BOI, EOI = 0, 99, 98, 97, 96  # BOI / EOI: Gemma 3's image and Qwen's vision start / end
 SIDE, PATCH = 28, 7  # 28x28 pixels, 7x7 patches: 16 patches per image tile
 GRID = [[28, 28], [28, 56], [56, 28], [56, 56]]
 SIZES = [[28, 56], [56, 56], [56, 28]]  # image sizes, cycled: different tilings and unpadding
 FRAMES = 4
+QWEN_KINDS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+QWEN_PATCH = 3 * 2 * 2 * 2  # Qwen pixel values per patch: channels x temporal patch x patch x patch
+# The tensors with one value per token that a batch may hold.
+PER_TOKEN = ("input_ids", "attention_mask", "labels", "token_type_ids", "mm_token_type_ids")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -54,12 +62,41 @@ def _siglip():
 
 def _finish(model):
     model.generation_config.pad_token_id = PAD
+    model.generation_config.eos_token_id = None  # always generate max_new_tokens
     return model.double().eval()
 
 
+def _qwen(kind: str):
+    # initializer_range=0.3: positions change the output clearly (a wrong position is a different
+    # logit, not a rounding error).
+    text = _text(initializer_range=0.3,
+                 rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0})
+    vision = dict(depth=2, num_heads=2, patch_size=2, spatial_merge_size=2, temporal_patch_size=2)
+    ids = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=BOI, vision_end_token_id=EOI)
+    if kind == "qwen2_vl":
+        vision.update(embed_dim=16, hidden_size=32, mlp_ratio=2)
+        return transformers.Qwen2VLForConditionalGeneration(
+            transformers.Qwen2VLConfig(text_config=text, vision_config=vision, **ids))
+    if kind == "qwen2_5_vl":
+        # tokens_per_second=2: a video's frames are 2 positions apart, so its temporal positions
+        # run past the text that follows it.
+        vision.update(hidden_size=16, intermediate_size=32, out_hidden_size=32, window_size=8,
+                      fullatt_block_indexes=[1], tokens_per_second=2)
+        return transformers.Qwen2_5_VLForConditionalGeneration(
+            transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids))
+    text.update(head_dim=8)
+    text["rope_parameters"]["mrope_interleaved"] = True
+    vision.update(hidden_size=16, intermediate_size=32, out_hidden_size=32, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0, 1])
+    return transformers.Qwen3VLForConditionalGeneration(
+        transformers.Qwen3VLConfig(text_config=text, vision_config=vision, **ids))
+
+
 def build(kind: str):
-    """A tiny float64 model of ``kind`` (a key of FAMILIES)."""
+    """A tiny float64 model of ``kind`` (a key of FAMILIES or one of QWEN_KINDS)."""
     torch.manual_seed(0)
+    if kind in QWEN_KINDS:
+        return _finish(_qwen(kind))
     llava_common = dict(vision_config=_clip(), text_config=transformers.LlamaConfig(**_text()).to_dict(),
                         image_token_id=IMAGE, vision_feature_layer=-1)
     if kind == "llava":
@@ -111,8 +148,7 @@ def row(model, kind: str, images: int = 1, video: bool = False, seed: int = 0) -
     tokens; Gemma 3 wraps each image in begin / end-of-image tokens and marks it in token_type_ids."""
     g = torch.Generator().manual_seed(seed)
     pixels = _pixels(kind, images, video, g)
-    one_token = torch.zeros(1, 1, dtype=torch.long)
-    counts = [(v.token_id, len(v.features)) for v in hf.visual_features(model, one_token, **pixels)]
+    counts = [(v.token_id, len(v.features)) for v in hf.visual_features(model, **pixels)]
 
     def text(n):
         return torch.randint(1, 90, (n,), generator=g).tolist()
@@ -148,6 +184,54 @@ def collate(rows: List[Row]) -> Tuple[Dict[str, torch.Tensor], List[List[Tuple[i
     return batch, items
 
 
+def qwen_token_types(input_ids: torch.Tensor) -> torch.Tensor:
+    """mm_token_type_ids as the Qwen-VL processors write it: 1 at image tokens, 2 at video tokens."""
+    return (input_ids == IMAGE).int() + 2 * (input_ids == VIDEO).int()
+
+
+def qwen_batch(model, rows: Sequence[Sequence[tuple]], seeds: Optional[Sequence[int]] = None):
+    """A left-padded Qwen-VL batch as the processor would return it: row i holds the items rows[i],
+    each a patch grid before the 2x2 merge: ("image", h, w) or ("video", t, h, w). Each row's text and
+    pixels come from its own seed (default: its index), so a row built alone with the same seed is
+    the same prompt with the same pixels. Qwen3-VL writes each video frame as its own placeholder
+    run after a timestamp, the others a video as one run."""
+    seeds = list(range(len(rows))) if seeds is None else seeds
+    frames_apart = isinstance(model, transformers.Qwen3VLForConditionalGeneration)
+    prompts, pixels, grids = [], {"image": [], "video": []}, {"image": [], "video": []}
+    for items, seed in zip(rows, seeds):
+        g = torch.Generator().manual_seed(seed)
+
+        def text(n):
+            return torch.randint(3, 80, (n,), generator=g).tolist()
+
+        ids = text(3)
+        for item in items:
+            t, h, w = (1,) + item[1:] if item[0] == "image" else item[1:]
+            pixels[item[0]].append(torch.randn(t * h * w, QWEN_PATCH, generator=g, dtype=torch.float64))
+            grids[item[0]].append([t, h, w])
+            if item[0] == "image":
+                ids += [BOI] + [IMAGE] * (h * w // 4) + [EOI]
+            elif frames_apart:
+                for _ in range(t):
+                    ids += text(1) + [BOI] + [VIDEO] * (h * w // 4) + [EOI]
+            else:
+                ids += [BOI] + [VIDEO] * (t * h * w // 4) + [EOI]
+            ids += text(2)
+        prompts.append(ids)
+    width = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
+    inputs = {"input_ids": input_ids,
+              "attention_mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts]),
+              "mm_token_type_ids": qwen_token_types(input_ids)}
+    if pixels["image"]:
+        inputs.update(pixel_values=torch.cat(pixels["image"]), image_grid_thw=torch.tensor(grids["image"]))
+    if pixels["video"]:
+        inputs.update(pixel_values_videos=torch.cat(pixels["video"]), video_grid_thw=torch.tensor(grids["video"]))
+        if isinstance(model, transformers.Qwen2_5_VLForConditionalGeneration):
+            inputs["second_per_grid_ts"] = torch.ones(len(grids["video"]))
+    return inputs
+
+
 @dataclass
 class Family:
     """A family under test: its ``build`` kind and what it supports."""
@@ -163,7 +247,7 @@ FAMILIES: Dict[str, Family] = {
     "onevision": Family("onevision", video=True),
     "gemma3": Family("gemma3", needs_encoder_outputs=True),
 }
-# mm_encoder_outputs (pre-encoded visual features) came with transformers 5.18.
+# mm_encoder_outputs (pre-encoded visual features; Gemma 3 and Qwen3-VL need it) came with transformers 5.18.
 HAS_ENCODER_OUTPUTS = "mm_encoder_outputs" in inspect.signature(transformers.Gemma3Model.forward).parameters
 
 
@@ -177,3 +261,84 @@ def llm_inputs(model):
         yield calls
     finally:
         hook.remove()
+
+
+def new_tokens(pruned, generated):
+    """generate() returns only the new tokens for inputs_embeds, the pruned prompt + new ones for input_ids."""
+    return generated[:, pruned["input_ids"].shape[1]:] if "input_ids" in pruned else generated
+
+
+def with_positions(pruned):
+    """``pruned`` with positions counted from each row's first real token, as generate() counts them,
+    where the family returns none (the rotary angles are float32: other absolute positions round
+    differently, so batches padded differently are compared with these)."""
+    if "position_ids" in pruned:
+        return pruned
+    return dict(pruned, position_ids=(pruned["attention_mask"].cumsum(1) - 1).clamp(min=0))
+
+
+class HostReads(TorchDispatchMode):
+    """Counts what makes a GPU wait: tensor-to-Python reads, data-dependent shapes, and tensors
+    built from Python data (``torch.tensor(list, device=...)`` is a blocking host-to-device copy;
+    0-dim ones are left out: indexing makes them on the CPU for scalar values)."""
+    SYNCING = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+               torch.ops.aten.masked_select.default}
+    FROM_PYTHON = {torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default}
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.reads = 0
+        tolist = torch.Tensor.tolist
+
+        def counted(tensor):
+            self.reads += 1
+            return tolist(tensor)
+        monkeypatch.setattr(torch.Tensor, "tolist", counted)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        indices = args[1] if func in (torch.ops.aten.index.Tensor, torch.ops.aten.index_put_.default) else ()
+        self.reads += func in self.SYNCING or any(i is not None and i.dtype == torch.bool for i in indices)
+        self.reads += func in self.FROM_PYTHON and args[0].dim() > 0
+        return func(*args, **(kwargs or {}))
+
+
+def right_padded(inputs):
+    """The left-padded batch with each row's real tokens moved to the front."""
+    shifts = (inputs["attention_mask"] == 0).sum(1).tolist()
+    return dict(inputs, **{key: torch.stack([values.roll(-shift) for values, shift in zip(inputs[key], shifts)])
+                           for key in PER_TOKEN if key in inputs})
+
+
+def _real_tokens(key, values, mask):
+    """The values of a (B, L, ...) tensor (position_ids: (3, B, L)) at the real tokens, row after row."""
+    return values[:, mask] if key == "position_ids" else values[mask]
+
+
+def _pruned(model, inputs, **settings):
+    """prune_inputs' result, and the rope delta it leaves on the model (Qwen-VL) or None."""
+    pruned = hf.prune_inputs(model, **inputs, **settings)
+    deltas = getattr(model.model, "rope_deltas", None)
+    return pruned, None if deltas is None else deltas.clone()
+
+
+def check_padding_sides(model, inputs, **settings):
+    """prune_inputs on the right-padded batch (padding side detected), and with padding_side given
+    against the padding of its input, gives each row the real tokens, per-token outputs (labels
+    included), rope delta and logits of the left-padded batch pruned, padded on the side
+    detected / asked for."""
+    reference, reference_deltas = _pruned(model, inputs, **settings)
+    reference_mask = reference["attention_mask"].bool()
+    reference_logits = model(**with_positions(reference)).logits[reference_mask]
+    per_token = {k for k, v in reference.items() if isinstance(v, torch.Tensor)}
+    lengths, columns = reference_mask.sum(1, keepdim=True), torch.arange(reference_mask.shape[1])
+    right = right_padded(inputs)
+    for given, padding_side, side in ((right, None, "right"), (inputs, "right", "right"), (right, "left", "left")):
+        pruned, deltas = _pruned(model, given, padding_side=padding_side, **settings)
+        mask = pruned["attention_mask"].bool()
+        assert torch.equal(mask, columns < lengths if side == "right" else columns >= len(columns) - lengths)
+        assert per_token == {k for k, v in pruned.items() if isinstance(v, torch.Tensor)}
+        for key in per_token:
+            assert torch.equal(_real_tokens(key, pruned[key], mask), _real_tokens(key, reference[key], reference_mask))
+        assert (deltas is None and reference_deltas is None) or torch.equal(deltas, reference_deltas)
+        logits = model(**with_positions(pruned)).logits[mask]
+        torch.testing.assert_close(logits, reference_logits, rtol=0, atol=1e-12)

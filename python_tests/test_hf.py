@@ -2,19 +2,19 @@
 
 The unmodified model is the reference: its own forward / generate on the unpruned
 prompt, and the visual tokens as they enter its LLM (recorded with a hook). Every batch
-is left-padded, has prompts of different lengths, one and two images per prompt (for
-OneVision: a tiled single image and untiled multi-image), and a video where the family
-has one.
+is left-padded (right padding: test_padding_sides), has prompts of different lengths,
+one and two images per prompt (for OneVision: a tiled single image and untiled
+multi-image), and a video where the family has one.
 """
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 transformers = pytest.importorskip("transformers", reason="hf extra: pip install transformers")
 import divprune_ext  # noqa: E402
 import divprune_ext.hf as hf  # noqa: E402
 from divprune_ext.hf import core  # noqa: E402
-from hf_tiny import FAMILIES, HAS_ENCODER_OUTPUTS, IMAGE, build, collate, llm_inputs, one_thread, row  # noqa: E402,F401
+from hf_tiny import (FAMILIES, HAS_ENCODER_OUTPUTS, IMAGE, HostReads, build, check_padding_sides,  # noqa: E402,F401
+                     collate, llm_inputs, new_tokens, one_thread, row, with_positions)  # (one_thread: autouse)
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -32,22 +32,17 @@ def batch_for(model, family, images=(1, 2)):
     return rows, *collate(rows)
 
 
-def new_tokens(output, pruned):
-    """generate() returns the prompt too when it was given input_ids."""
-    return output[:, pruned["input_ids"].shape[1]:] if "input_ids" in pruned else output
-
-
 def last_logits(model, pruned):
-    """Logits at the last token, with positions counted from each row's first real token as generate()
-    counts them (the rotary angles are float32: other absolute positions round differently)."""
-    if "position_ids" not in pruned:
-        pruned = dict(pruned, position_ids=(pruned["attention_mask"].cumsum(1) - 1).clamp(min=0))
-    return model(**pruned).logits[:, -1]
+    """Logits at the last token, with positions counted from each row's first real token as generate() counts them."""
+    return model(**with_positions(pruned)).logits[:, -1]
 
 
 def by_hand(model, inputs, items, keep_ratio, order):
     """The pruned prompt built from the unmodified model's LLM inputs: each item's kept tokens are
-    those torch.ops.divprune.select picks on its tokens as they enter the LLM; left-padded."""
+    those torch.ops.divprune.select picks on its tokens as they enter the LLM; left-padded.
+
+    Returns the keyword arguments that feed it to the model (inputs_embeds, attention_mask and,
+    for Gemma 3, token_type_ids) and ``gather(values, pad)``, which prunes any other per-token tensor."""
     with llm_inputs(model) as calls:
         model(**inputs)
     embeds = calls[0]["inputs_embeds"]
@@ -73,8 +68,10 @@ def by_hand(model, inputs, items, keep_ratio, order):
             result[b, width - len(s):] = values[b, s]
         return result
 
-    mask = gather(torch.ones_like(inputs["attention_mask"]))
-    return gather(embeds), mask, gather
+    hand = {"inputs_embeds": gather(embeds), "attention_mask": gather(torch.ones_like(inputs["attention_mask"]))}
+    if "token_type_ids" in inputs:
+        hand["token_type_ids"] = gather(inputs["token_type_ids"])
+    return hand, gather
 
 
 def test_keep_all_gives_the_same_logits(family):
@@ -99,50 +96,60 @@ def test_keep_all_generates_the_same_ids(family, search):
     expected = model.generate(**inputs, **settings)[:, inputs["input_ids"].shape[1]:]
     pruned = hf.prune_inputs(model, **inputs, keep_ratio=1.0)
     torch.manual_seed(1)
-    assert torch.equal(new_tokens(model.generate(**pruned, **settings), pruned), expected)
+    assert torch.equal(new_tokens(pruned, model.generate(**pruned, **settings)), expected)
 
 
 @pytest.mark.parametrize("order", ["original", "selection"])
 def test_pruned_prompt_is_the_selected_tokens_and_runs_like_them(family, order):
     _, model = family
     _, inputs, items = batch_for(model, family[0])
-    embeds, mask, gather = by_hand(model, inputs, items, 0.3, order)
+    hand, _ = by_hand(model, inputs, items, 0.3, order)
     pruned = hf.prune_inputs(model, **inputs, keep_ratio=0.3, order=order)
-    assert torch.equal(pruned["attention_mask"], mask)
+    assert torch.equal(pruned["attention_mask"], hand["attention_mask"])
+    if "token_type_ids" in hand:
+        assert torch.equal(pruned["token_type_ids"], hand["token_type_ids"])
     with llm_inputs(model) as calls:
         logits = model(**pruned).logits
-    real = mask.bool()
-    assert torch.equal(calls[0]["inputs_embeds"][real], embeds[real])
-    extra = {"token_type_ids": gather(inputs["token_type_ids"])} if "token_type_ids" in inputs else {}
-    if extra:
-        assert torch.equal(pruned["token_type_ids"], extra["token_type_ids"])
-    expected = model(inputs_embeds=embeds, attention_mask=mask, **extra).logits
-    torch.testing.assert_close(logits[real], expected[real], rtol=0, atol=1e-12)
+    real = hand["attention_mask"].bool()
+    assert torch.equal(calls[0]["inputs_embeds"][real], hand["inputs_embeds"][real])
+    torch.testing.assert_close(logits[real], model(**hand).logits[real], rtol=0, atol=1e-12)
 
 
 def test_batched_equals_one_by_one(family):
     family, model = family
     rows, inputs, _ = batch_for(model, family)
     batched = hf.prune_inputs(model, **inputs, keep_ratio=0.2)
-    batched_ids = new_tokens(model.generate(**batched, max_new_tokens=5, do_sample=False), batched)
+    batched_ids = new_tokens(batched, model.generate(**batched, max_new_tokens=5, do_sample=False))
     batched_last = last_logits(model, batched)
     for n, alone_row in enumerate(rows):
         alone = hf.prune_inputs(model, **collate([alone_row])[0], keep_ratio=0.2)
-        assert torch.equal(new_tokens(model.generate(**alone, max_new_tokens=5, do_sample=False), alone)[0],
+        assert torch.equal(new_tokens(alone, model.generate(**alone, max_new_tokens=5, do_sample=False))[0],
                            batched_ids[n])
         torch.testing.assert_close(last_logits(model, alone)[0], batched_last[n], rtol=0, atol=1e-12)
+
+
+def labels_for(inputs):
+    """Labels: the input ids, -100 at padding and at each row's first four columns."""
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    labels[:, :4] = -100
+    return labels
 
 
 def test_labels_follow_the_kept_tokens(family):
     family, model = family
     _, inputs, items = batch_for(model, family)
-    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
-    labels[:, :4] = -100
-    _, mask, gather = by_hand(model, inputs, items, 0.25, "original")
+    labels = labels_for(inputs)
+    hand, gather = by_hand(model, inputs, items, 0.25, "original")
     pruned = hf.prune_inputs(model, **inputs, labels=labels, keep_ratio=0.25)
     assert torch.equal(pruned["labels"], gather(labels, -100))
-    expected = model(**hf.prune_inputs(model, **inputs, keep_ratio=0.25), labels=gather(labels, -100)).loss
-    assert torch.equal(model(**pruned).loss, expected)
+    expected = model(**hand, labels=gather(labels, -100)).loss
+    torch.testing.assert_close(model(**pruned).loss, expected)  # the loss is computed in float32
+
+
+def test_padding_sides(family):
+    family, model = family
+    _, inputs, _ = batch_for(model, family)
+    check_padding_sides(model, dict(inputs, labels=labels_for(inputs)), keep_ratio=0.3, order="selection")
 
 
 def test_every_item_keeps_its_share():
@@ -153,27 +160,6 @@ def test_every_item_keeps_its_share():
         removed = [sum(n - divprune_ext.keep_count(n, keep_ratio) for _, n in row_items) for row_items in items]
         assert pruned["attention_mask"].sum(1).tolist() == [
             real - gone for real, gone in zip(inputs["attention_mask"].sum(1).tolist(), removed)]
-
-
-class HostReads(TorchDispatchMode):
-    """Counts what makes a GPU wait: tensor-to-Python reads and data-dependent shapes."""
-    SYNCING = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
-               torch.ops.aten.masked_select.default}
-
-    def __init__(self, monkeypatch):
-        super().__init__()
-        self.reads = 0
-        tolist = torch.Tensor.tolist
-
-        def counted(tensor):
-            self.reads += 1
-            return tolist(tensor)
-        monkeypatch.setattr(torch.Tensor, "tolist", counted)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        indices = args[1] if func in (torch.ops.aten.index.Tensor, torch.ops.aten.index_put_.default) else ()
-        self.reads += func in self.SYNCING or any(i is not None and i.dtype == torch.bool for i in indices)
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("kind", ["llava_next_video", "gemma3"])
@@ -201,6 +187,8 @@ def test_errors():
             hf.prune_inputs(model, **inputs, keep_ratio=bad)
     with pytest.raises(ValueError, match="order must be 'original' or 'selection'"):
         hf.prune_inputs(model, **inputs, order="random")
+    with pytest.raises(ValueError, match="padding_side must be 'left' or 'right', got 'top'"):
+        hf.prune_inputs(model, **inputs, padding_side="top")
     with pytest.raises(TypeError, match="got unexpected image_grid_thw"):
         hf.prune_inputs(model, **inputs, image_grid_thw=torch.ones(1, 3))
     with pytest.raises(ValueError, match="input_ids must have shape"):

@@ -1,9 +1,9 @@
 """divprune_ext.hf on tiny randomly initialised Qwen2-VL, Qwen2.5-VL and Qwen3-VL models.
 
-Models run in float64 so that pruned / unpruned and batched / one-by-one runs agree to
-~1e-12 and greedy decoding can't flip on rounding. The text model is initialised with a
-large spread (0.3) so that positions change its output clearly: a wrong position shows up
-as a different logit, not a rounding error. Qwen3-VL needs transformers >= 5.18
+The models (hf_tiny.build) run in float64 so that pruned / unpruned and batched /
+one-by-one runs agree to ~1e-12 and greedy decoding can't flip on rounding; their text
+model is initialised with a large spread so that a wrong position shows up as a
+different logit, not a rounding error. Qwen3-VL needs transformers >= 5.18
 (``mm_encoder_outputs``); on older versions only the error it raises is tested.
 """
 import inspect
@@ -14,92 +14,16 @@ import torch
 transformers = pytest.importorskip("transformers", reason="hf extra: pip install transformers")
 import divprune_ext  # noqa: E402
 from divprune_ext import hf  # noqa: E402
-from hf_tiny import one_thread  # noqa: E402,F401  (autouse: tiny models on one thread)
+from divprune_ext.hf import core  # noqa: E402
+from hf_tiny import (BOI, EOI, HAS_ENCODER_OUTPUTS, IMAGE, PAD, QWEN_KINDS, VIDEO, HostReads,  # noqa: E402,F401
+                     build, check_padding_sides, new_tokens, one_thread, qwen_batch, qwen_token_types)  # (one_thread: autouse)
 
-PAD, IMAGE, VIDEO, START, END = 0, 90, 91, 92, 93
-PATCH = 3 * 2 * 2 * 2  # pixel values per patch: channels x temporal patch x patch x patch
-KINDS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
-ENCODER_OUTPUTS = "mm_encoder_outputs" in inspect.signature(transformers.Qwen3VLForConditionalGeneration.forward).parameters
 # The KV cache argument and output: `cache` from transformers 5.2x (past_key_values deprecated), before: past_key_values.
 CACHE = "cache" if "cache" in inspect.signature(transformers.Qwen2VLForConditionalGeneration.forward).parameters \
     else "past_key_values"
 # Row 0: an image and a video; row 1: two images of other sizes (so the rows differ in length).
 # Items are patch grids before the 2x2 merge: ("image", h, w) or ("video", t, h, w).
 ROWS = [[("image", 4, 6), ("video", 4, 4, 4)], [("image", 6, 4), ("image", 4, 4)]]
-
-
-def tiny_model(kind):
-    text = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=512, pad_token_id=PAD, bos_token_id=1, eos_token_id=2,
-                initializer_range=0.3,
-                rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0})
-    vision = dict(depth=2, num_heads=2, patch_size=2, spatial_merge_size=2, temporal_patch_size=2)
-    ids = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=START, vision_end_token_id=END)
-    torch.manual_seed(0)
-    if kind == "qwen2_vl":
-        vision.update(embed_dim=16, hidden_size=32, mlp_ratio=2)
-        model = transformers.Qwen2VLForConditionalGeneration(
-            transformers.Qwen2VLConfig(text_config=text, vision_config=vision, **ids))
-    elif kind == "qwen2_5_vl":
-        # tokens_per_second=2: a video's frames are 2 positions apart, so its temporal positions
-        # run past the text that follows it.
-        vision.update(hidden_size=16, intermediate_size=32, out_hidden_size=32, window_size=8,
-                      fullatt_block_indexes=[1], tokens_per_second=2)
-        model = transformers.Qwen2_5_VLForConditionalGeneration(
-            transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids))
-    else:
-        text.update(head_dim=8)
-        text["rope_parameters"]["mrope_interleaved"] = True
-        vision.update(hidden_size=16, intermediate_size=32, out_hidden_size=32, num_position_embeddings=64,
-                      deepstack_visual_indexes=[0, 1])
-        model = transformers.Qwen3VLForConditionalGeneration(
-            transformers.Qwen3VLConfig(text_config=text, vision_config=vision, **ids))
-    model.generation_config.pad_token_id = PAD
-    model.generation_config.eos_token_id = None  # always generate max_new_tokens
-    return model.double().eval()
-
-
-def frames_apart(model):
-    """Qwen3-VL writes each video frame as its own placeholder run, after a timestamp."""
-    return type(model).__name__.startswith("Qwen3")
-
-
-def build(model, rows, seeds=None):
-    """A left-padded batch as the processor would return it: row i holds the items rows[i].
-
-    Each row's text and pixels come from its own seed (default: its index), so a row built
-    alone with the same seed is the same prompt with the same pixels."""
-    seeds = list(range(len(rows))) if seeds is None else seeds
-    prompts, pixels, grids = [], {"image": [], "video": []}, {"image": [], "video": []}
-    for items, seed in zip(rows, seeds):
-        g = torch.Generator().manual_seed(seed)
-        text = lambda n: torch.randint(3, 80, (n,), generator=g).tolist()  # noqa: E731
-        ids = text(3)
-        for item in items:
-            t, h, w = (1,) + item[1:] if item[0] == "image" else item[1:]
-            pixels[item[0]].append(torch.randn(t * h * w, PATCH, generator=g, dtype=torch.float64))
-            grids[item[0]].append([t, h, w])
-            if item[0] == "image":
-                ids += [START] + [IMAGE] * (h * w // 4) + [END]
-            elif frames_apart(model):
-                for _ in range(t):
-                    ids += text(1) + [START] + [VIDEO] * (h * w // 4) + [END]
-            else:
-                ids += [START] + [VIDEO] * (t * h * w // 4) + [END]
-            ids += text(2)
-        prompts.append(ids)
-    width = max(len(p) for p in prompts)
-    input_ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
-    inputs = {"input_ids": input_ids,
-              "attention_mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts]),
-              "mm_token_type_ids": ((input_ids == IMAGE).int() + 2 * (input_ids == VIDEO).int())}
-    if pixels["image"]:
-        inputs.update(pixel_values=torch.cat(pixels["image"]), image_grid_thw=torch.tensor(grids["image"]))
-    if pixels["video"]:
-        inputs.update(pixel_values_videos=torch.cat(pixels["video"]), video_grid_thw=torch.tensor(grids["video"]))
-        if isinstance(model, transformers.Qwen2_5_VLForConditionalGeneration):
-            inputs["second_per_grid_ts"] = torch.ones(len(grids["video"]))
-    return inputs
 
 
 def rope_index(model, inputs):
@@ -170,20 +94,15 @@ def run_language_model(model, hand):
     return model.lm_head(hidden)
 
 
-def new_tokens(pruned, generated):
-    """generate() returns only new tokens for inputs_embeds, the pruned prompt + new ones for input_ids."""
-    return generated[:, pruned["input_ids"].shape[1]:] if "input_ids" in pruned else generated
-
-
-@pytest.fixture(scope="module", params=KINDS)
+@pytest.fixture(scope="module", params=QWEN_KINDS)
 def model(request):
-    if request.param == "qwen3_vl" and not ENCODER_OUTPUTS:
+    if request.param == "qwen3_vl" and not HAS_ENCODER_OUTPUTS:
         pytest.skip("Qwen3-VL needs transformers >= 5.18 (mm_encoder_outputs)")
-    return tiny_model(request.param)
+    return build(request.param)
 
 
 def test_keep_all_reproduces_the_logits_and_the_rope_delta(model):
-    inputs = build(model, ROWS)
+    inputs = qwen_batch(model, ROWS)
     expected = model(**inputs).logits
     expected_deltas = model.model.rope_deltas.clone()
     model.model.rope_deltas = None
@@ -198,7 +117,7 @@ def test_keep_all_reproduces_the_logits_and_the_rope_delta(model):
 
 @pytest.mark.parametrize("do_sample", [False, True])
 def test_keep_all_generates_the_same_ids(model, do_sample):
-    inputs = build(model, ROWS)
+    inputs = qwen_batch(model, ROWS)
     settings = dict(max_new_tokens=6, do_sample=do_sample, top_k=0 if do_sample else None)
     torch.manual_seed(1)
     expected = model.generate(**inputs, **settings)[:, inputs["input_ids"].shape[1]:]
@@ -217,7 +136,7 @@ def test_keep_all_expands_like_the_model(model, settings):
     # Qwen3-VL's mm_encoder_outputs per prompt (in place, so each call gets a fresh prune).
     # One image per prompt: transformers 5.18 expands the encoder outputs of several images per
     # prompt in the wrong order (fixed by 5.24), which would make the unpruned reference wrong.
-    inputs = build(model, [ROWS[0], ROWS[1][:1]])
+    inputs = qwen_batch(model, [ROWS[0], ROWS[1][:1]])
     torch.manual_seed(2)
     expected = model.generate(**inputs, max_new_tokens=4, **settings)[:, inputs["input_ids"].shape[1]:]
     pruned = hf.prune_inputs(model, **inputs, keep_ratio=1.0)
@@ -227,7 +146,7 @@ def test_keep_all_expands_like_the_model(model, settings):
 
 @pytest.mark.parametrize("order", ["original", "selection"])
 def test_kept_tokens_are_the_selected_ones_at_their_original_positions(model, order):
-    inputs = build(model, ROWS)
+    inputs = qwen_batch(model, ROWS)
     hand = by_hand(model, inputs, keep_ratio=0.3, order=order)
     pruned = hf.prune_inputs(model, **inputs, keep_ratio=0.3, order=order)
     real = hand["attention_mask"].bool()
@@ -249,7 +168,7 @@ def test_kept_tokens_are_the_selected_ones_at_their_original_positions(model, or
 
 
 def test_pruned_output_equals_the_model_fed_by_hand(model):
-    inputs = build(model, ROWS)
+    inputs = qwen_batch(model, ROWS)
     hand = by_hand(model, inputs, keep_ratio=0.3)
     real = hand["attention_mask"].bool()
     got = model(**hf.prune_inputs(model, **inputs, keep_ratio=0.3)).logits
@@ -263,7 +182,7 @@ def test_pruned_output_equals_the_model_fed_by_hand(model):
 
 
 def test_decoding_continues_from_the_unpruned_positions(model):
-    inputs = build(model, ROWS)
+    inputs = qwen_batch(model, ROWS)
     pruned = hf.prune_inputs(model, **inputs, keep_ratio=0.3)
     steps = 4
     generated = new_tokens(pruned, model.generate(**pruned, max_new_tokens=steps, do_sample=False))
@@ -286,7 +205,7 @@ def test_the_rope_delta_describes_the_shortened_sequence(model):
     # One unpadded row with a video (its temporal positions run past the text after it). Without
     # positions, the model numbers the token after a cached prompt with its rope delta:
     # cache length + delta, which must be the unpruned prompt's largest position + 1.
-    inputs = build(model, [[("video", 4, 4, 4), ("image", 4, 6)]])
+    inputs = qwen_batch(model, [[("video", 4, 4, 4), ("image", 4, 6)]])
     unpruned = rope_index(model, inputs)[0]
     pruned = hf.prune_inputs(model, **inputs, keep_ratio=0.3)
     length = pruned["attention_mask"].shape[1]
@@ -301,19 +220,19 @@ def test_the_rope_delta_describes_the_shortened_sequence(model):
 
 
 def test_batched_equals_one_by_one(model):
-    inputs = build(model, ROWS)
+    inputs = qwen_batch(model, ROWS)
     batched = hf.prune_inputs(model, **inputs, keep_ratio=0.3)
     batched_ids = new_tokens(batched, model.generate(**batched, max_new_tokens=5, do_sample=False))
     batched_last = model(**batched).logits[:, -1]
     for row, items in enumerate(ROWS):
-        alone = hf.prune_inputs(model, **build(model, [items], seeds=[row]), keep_ratio=0.3)
+        alone = hf.prune_inputs(model, **qwen_batch(model, [items], seeds=[row]), keep_ratio=0.3)
         assert torch.equal(new_tokens(alone, model.generate(**alone, max_new_tokens=5, do_sample=False))[0],
                            batched_ids[row])
         torch.testing.assert_close(model(**alone).logits[0, -1], batched_last[row], rtol=0, atol=1e-10)
 
 
 def test_video_alone(model):
-    inputs = build(model, [[("video", 4, 4, 4)]])
+    inputs = qwen_batch(model, [[("video", 4, 4, 4)]])
     full = hf.prune_inputs(model, **inputs, keep_ratio=1.0)
     torch.testing.assert_close(model(**full).logits, model(**inputs).logits, rtol=0, atol=1e-12)
     pruned = hf.prune_inputs(model, **inputs, keep_ratio=0.25)
@@ -323,7 +242,7 @@ def test_video_alone(model):
 
 
 def test_labels_follow_the_kept_tokens(model):
-    inputs = build(model, ROWS[:1])
+    inputs = qwen_batch(model, ROWS[:1])
     visual = (inputs["input_ids"] == IMAGE) | (inputs["input_ids"] == VIDEO)
     labels = inputs["input_ids"].masked_fill(visual, -100)
     pruned = hf.prune_inputs(model, **inputs, labels=labels, keep_ratio=0.25)
@@ -337,28 +256,54 @@ def test_labels_follow_the_kept_tokens(model):
     torch.testing.assert_close(loss, expected.to(loss.dtype))  # the model computes the loss in float32
 
 
+def test_padding_sides(model):
+    inputs = qwen_batch(model, ROWS)
+    visual = (inputs["input_ids"] == IMAGE) | (inputs["input_ids"] == VIDEO)
+    labels = inputs["input_ids"].masked_fill(visual | (inputs["attention_mask"] == 0), -100)
+    check_padding_sides(model, dict(inputs, labels=labels), keep_ratio=0.3, order="selection")
+
+
+@pytest.mark.parametrize("types_given", [True, False], ids=["mm_token_type_ids", "no_mm_token_type_ids"])
+def test_host_reads_outside_the_models_own_code(model, types_given, monkeypatch):
+    inputs = qwen_batch(model, ROWS)
+    positions = rope_index(model, inputs)  # the model's own feature code and rope index, outside the count
+    visuals = hf.visual_features(model, **inputs)
+    if not types_given:
+        del inputs["mm_token_type_ids"]
+    monkeypatch.setattr(type(core.adapter_for(model)), "visual", lambda self, model, inputs: visuals)
+    monkeypatch.setattr(model.model, "get_rope_index", lambda *args, **kwargs: positions)
+    with HostReads(monkeypatch) as counter:
+        hf.prune_inputs(model, **inputs, keep_ratio=0.3, order="selection")
+    # The core's one read; the adapter's check: the grids, the placeholder runs (a nonzero and a read),
+    # and whether mm_token_type_ids agrees with input_ids.
+    assert counter.reads == 1 + 3 + types_given
+
+
 def without_placeholder(inputs, token, which):
     """The prompt with the which-th placeholder of `token` (row-major) replaced by text."""
     ids = inputs["input_ids"].clone()
     where = (ids == token).nonzero()[which]
     ids[where[0], where[1]] = 5
-    return dict(inputs, input_ids=ids, mm_token_type_ids=((ids == IMAGE).int() + 2 * (ids == VIDEO).int()))
+    return dict(inputs, input_ids=ids, mm_token_type_ids=qwen_token_types(ids))
 
 
 def test_placeholder_mismatch_says_which():
-    model = tiny_model("qwen2_vl")
-    inputs = build(model, ROWS)
-    with pytest.raises(ValueError, match="15 tokens with id 90 in input_ids but the model makes 16 visual features"):
+    model = build("qwen2_vl")
+    inputs = qwen_batch(model, ROWS)
+    with pytest.raises(ValueError, match="15 tokens with id 99 in input_ids but the model makes 16 visual features"):
         hf.prune_inputs(model, **without_placeholder(inputs, IMAGE, 0))
     # Right total, wrong split: image 1's run is one token short, image 2's one token long.
     ids = inputs["input_ids"].clone()
     run = (ids[1] == IMAGE).nonzero().squeeze(1)  # image 1 (6 tokens), then image 2 (4 tokens)
     ids[1, run[5]] = 5  # image 1's last placeholder becomes text
     ids[1, run[6] - 1] = IMAGE  # image 2's vision-start token becomes a placeholder
-    shifted = dict(inputs, input_ids=ids, mm_token_type_ids=((ids == IMAGE).int() + 2 * (ids == VIDEO).int()))
+    shifted = dict(inputs, input_ids=ids, mm_token_type_ids=qwen_token_types(ids))
     with pytest.raises(ValueError, match=r"image 1 \(image_grid_thw \[1, 6, 4\]\) makes 6 tokens per run but its "
-                                         r"placeholder run in row 1 has 5 tokens with id 90"):
+                                         r"placeholder run in row 1 has 5 tokens with id 99"):
         hf.prune_inputs(model, **shifted)
+    no_video = {k: v for k, v in inputs.items() if k not in ("pixel_values_videos", "video_grid_thw")}
+    with pytest.raises(ValueError, match=r"input_ids has 1 runs of video tokens \(id 98\) but video_grid_thw makes 0"):
+        hf.prune_inputs(model, **no_video)
     with pytest.raises(ValueError, match="mm_token_type_ids must be 1 exactly at the image tokens"):
         hf.prune_inputs(model, **dict(inputs, mm_token_type_ids=torch.zeros_like(inputs["input_ids"])))
     with pytest.raises(ValueError, match="pixel_values needs image_grid_thw"):
@@ -370,20 +315,20 @@ def test_placeholder_mismatch_says_which():
     assert torch.equal(derived["position_ids"], hf.prune_inputs(model, **inputs, keep_ratio=0.3)["position_ids"])
 
 
-@pytest.mark.skipif(not ENCODER_OUTPUTS, reason="Qwen3-VL needs transformers >= 5.18")
+@pytest.mark.skipif(not HAS_ENCODER_OUTPUTS, reason="Qwen3-VL needs transformers >= 5.18")
 def test_qwen3_vl_checks_each_frame():
-    model = tiny_model("qwen3_vl")
-    inputs = build(model, [[("video", 4, 4, 4)]])
+    model = build("qwen3_vl")
+    inputs = qwen_batch(model, [[("video", 4, 4, 4)]])
     # The video written as one run, the way Qwen2-VL writes it: right count, but 1 run for 4 frames.
-    ids = torch.tensor([[7, 8, 9, START] + [VIDEO] * 16 + [END, 10, 11]])
-    one_run = dict(inputs, input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=2 * (ids == VIDEO).int())
-    with pytest.raises(ValueError, match=r"input_ids has 1 runs of video tokens \(id 91\) but video_grid_thw makes 4 "
+    ids = torch.tensor([[7, 8, 9, BOI] + [VIDEO] * 16 + [EOI, 10, 11]])
+    one_run = dict(inputs, input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=qwen_token_types(ids))
+    with pytest.raises(ValueError, match=r"input_ids has 1 runs of video tokens \(id 98\) but video_grid_thw makes 4 "
                                          r"\(one per frame\)"):
         hf.prune_inputs(model, **one_run)
 
 
-@pytest.mark.skipif(ENCODER_OUTPUTS, reason="transformers >= 5.18 runs Qwen3-VL")
+@pytest.mark.skipif(HAS_ENCODER_OUTPUTS, reason="transformers >= 5.18 runs Qwen3-VL")
 def test_qwen3_vl_names_the_version_it_needs():
-    model = tiny_model("qwen3_vl")
+    model = build("qwen3_vl")
     with pytest.raises(RuntimeError, match=r"Qwen3-VL .* needs transformers >= 5.18"):
-        hf.prune_inputs(model, **build(model, ROWS), keep_ratio=0.5)
+        hf.prune_inputs(model, **qwen_batch(model, ROWS), keep_ratio=0.5)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import simt_kernels
-from helpers import INPUT_KINDS, assert_device_selection, make_input
+from helpers import INPUT_KINDS, assert_device_selection, make_input, nan_inputs
 from simt_kernels import KernelError, plan, run_kernels
 
 # (dtype, core, the PTX version that makes the plan choose that core)
@@ -151,12 +151,7 @@ def test_every_input_kind_batched(runner, dtype, core, ptx, kind):
 @pytest.mark.parametrize("dtype,core,ptx", CORES)
 def test_nan_and_inf_rank_like_the_cpu_op(runner, dtype, core, ptx):
     # The raw op doesn't check its input; NaN distances must rank the same on both devices.
-    small = torch.tensor([[1.0, 0.0], [float("nan"), 0.0], [0.0, 1.0]])
-    ties = make_input("one_hot", 40, 64)  # every distance exactly 1: picks decided by the rules alone
-    ties[5] = float("nan")
-    ties[17, 3] = float("nan")
-    ties[30, 2] = float("inf")
-    for x in (small, ties):
+    for x in nan_inputs():
         x = x.to(dtype)
         run = run_kernels(runner, x, len(x), ptx_version=ptx, seed=5)
         assert torch.equal(run.picks, torch.ops.divprune.select(x, len(x))), "CUDA kernels and CPU op disagree"

@@ -5,7 +5,7 @@ import torch
 import divprune_ext
 from conftest import requires_cuda
 from divprune_ext import reference
-from helpers import INPUT_KINDS, assert_matches_reference, assert_max_min_greedy, make_input
+from helpers import INPUT_KINDS, assert_matches_reference, assert_max_min_greedy, make_input, nan_inputs
 
 SHAPES = [(1, 8), (2, 3), (7, 5), (33, 17), (100, 64), (257, 129)]
 
@@ -162,12 +162,7 @@ def test_checker_rejects_wrong_picks():
 @requires_cuda
 def test_nan_ranks_like_the_cpu_op(dtype):
     # The raw op doesn't check its input; both devices rank a NaN distance the same way.
-    # One-hot rows: every finite distance is exactly 1, so only the rules decide.
-    x = make_input("one_hot", 40, 64)
-    x[5] = float("nan")
-    x[17, 3] = float("nan")
-    x[30, 2] = float("inf")
-    for item in (torch.tensor([[1.0, 0.0], [float("nan"), 0.0], [0.0, 1.0]]), x):
+    for item in nan_inputs():
         item = item.to(dtype)
         expected = torch.ops.divprune.select(item, len(item))
         assert torch.equal(torch.ops.divprune.select(item.to("cuda"), len(item)).cpu(), expected)

@@ -13,10 +13,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 export FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-"$PY" -c "import build" 2>/dev/null || "$PY" -m pip install --quiet build
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
+# A fresh virtual environment that sees the installed torch (a CUDA build, several GB)
+# instead of installing another; `build` goes into it, not into the caller's Python.
+"$PY" -m venv --system-site-packages "$work/venv"
+venv_py="$work/venv/bin/python"
+"$venv_py" -c "import build" 2>/dev/null || "$venv_py" -m pip install --quiet build
 
 echo "== sdist"
 # From a copy of the files git knows (tracked, or new and not ignored), as a clean checkout
@@ -25,7 +29,7 @@ echo "== sdist"
 mkdir "$work/src"
 git ls-files -z --cached --others --exclude-standard > "$work/files"
 tar --null -T "$work/files" --ignore-failed-read -cf - 2>/dev/null | tar -xf - -C "$work/src"
-"$PY" -m build --sdist --outdir "$work/dist" "$work/src" > "$work/sdist.log" 2>&1 \
+"$venv_py" -m build --sdist --outdir "$work/dist" "$work/src" > "$work/sdist.log" 2>&1 \
   || { tail -30 "$work/sdist.log"; exit 1; }
 sdist="$(ls "$work"/dist/divprune_ext-*.tar.gz)"
 tar tzf "$sdist" | sed 's|^[^/]*/||' | grep -v '/$' | sort > "$work/contents.txt"
@@ -37,9 +41,6 @@ unwanted="$(grep -E '\.(so|o|pyc|png)$|^build/|^bench/results/|^bench/out/' "$wo
 [ -z "$unwanted" ] || { echo "should not be in the sdist:"; echo "$unwanted"; exit 1; }
 
 echo "== wheel from the sdist (FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS)"
-# The venv sees the installed torch (a CUDA build, several GB) instead of installing another.
-"$PY" -m venv --system-site-packages "$work/venv"
-venv_py="$work/venv/bin/python"
 start=$SECONDS
 # Run from $work: the repository's own divprune_ext/ must not be on the path.
 (cd "$work" && "$venv_py" -m pip wheel --quiet --no-cache-dir --no-deps --wheel-dir "$work/wheels" "$sdist") \

@@ -14,8 +14,8 @@ Prints a table (mutant, the first test that failed, seconds) and exits 1 if any
 mutant survived, 2 if a mutation no longer applies (the kernel source changed:
 update its `before` text) or a mutant breaks the build instead of a test. A full run that catches every mutant writes
 scripts/mutants.record: a hash of the kernels, the runtime and the kernel tests,
-and the table. CI checks that hash, so a change to any of them lands only with a
-fresh passing run.
+and the table (the README shows the same table). CI checks both, so a change to
+any of them lands only with a fresh passing run.
 """
 import argparse
 import concurrent.futures
@@ -161,9 +161,11 @@ def run(mutant: Mutant):
 
 
 def sources_hash() -> str:
-    """What a mutation run vouches for: the kernels, the host runtime, the kernel tests and this script."""
+    """What a mutation run vouches for: the kernels, the host runtime, the kernel tests (and the
+    helpers they check with) and this script."""
     files = sorted(glob.glob(os.path.join(KERNELS, "*")) + glob.glob(os.path.join(ROOT, "csrc", "simt", "*")))
-    files += [TESTS, os.path.join(ROOT, "python_tests", "simt_kernels.py"), os.path.abspath(__file__)]
+    files += [TESTS, os.path.join(ROOT, "python_tests", "simt_kernels.py"),
+              os.path.join(ROOT, "python_tests", "helpers.py"), os.path.abspath(__file__)]
     digest = hashlib.sha256()
     for path in files:
         digest.update(os.path.relpath(path, ROOT).encode())
@@ -173,13 +175,19 @@ def sources_hash() -> str:
 
 
 def check_record() -> int:
-    recorded = open(RECORD).readline().split()[-1] if os.path.exists(RECORD) else "(none)"
+    lines = open(RECORD).readlines() if os.path.exists(RECORD) else ["sources (none)\n"]
+    recorded = lines[0].split()[-1]
     if recorded != sources_hash():
         print(f"scripts/mutants.record is for other sources ({recorded[:12]}, now {sources_hash()[:12]}): the "
               "kernels, the host runtime or the kernel tests changed; run `python3 scripts/mutants.py` and commit "
               "scripts/mutants.record", file=sys.stderr)
         return 1
-    print("scripts/mutants.record matches the kernels, the runtime and the kernel tests")
+    with open(os.path.join(ROOT, "README.md")) as f:
+        if "".join(lines[1:]) not in f.read():
+            print("README.md's mutation table differs from scripts/mutants.record: copy the table over",
+                  file=sys.stderr)
+            return 1
+    print("scripts/mutants.record matches the kernels, the runtime, the kernel tests and the README")
     return 0
 
 

@@ -21,9 +21,6 @@ subclass of :class:`Adapter` decorated with :func:`register`::
             ...
             return [Visual(token_id, features, modality="image"), ...]
 
-        def outputs(self, model, batch):               # required
-            return {"inputs_embeds": batch.inputs_embeds(model)}
-
 ``prune_inputs(model, input_ids, attention_mask=None, *, keep_ratio, order,
 padding_side, **inputs)`` calls, in this order:
 
@@ -33,44 +30,48 @@ padding_side, **inputs)`` calls, in this order:
 2. ``visual(model, inputs) -> list[Visual]`` (required). ``inputs`` holds everything
    the caller passed that is not None: ``input_ids``, ``attention_mask`` (ones if not
    given), the per-token tensors of :data:`PER_TOKEN_PAD` and the adapter's own keys.
-   Any other key is a ``TypeError``. Each :class:`Visual` is one image or one video
-   with ``token_id`` (its placeholder id in ``input_ids``), ``features`` ``(n, H)``:
-   exactly the rows the model writes into its ``n`` placeholders, in that order,
-   after the projector / merger (selection runs on them), ``extras``: more per-token
-   tensors ``(n, ...)`` that must be gathered with the same picks (Qwen3-VL's
-   deepstack features, one per layer), and ``modality`` (``"image"`` or ``"video"``,
-   for the adapter's own use). **Order:** the Visuals with one token id are matched
-   to that id's placeholders in row-major order (row 0 left to right, then row 1, ...),
-   ``n`` at a time, exactly as the model's ``masked_scatter`` fills them; Visuals of
-   different ids may come in any order (the list order is kept in ``batch.kept``).
-   The placeholders of one Visual must lie in one row; they need not be contiguous.
-   The core raises ``ValueError`` if an id's placeholder count differs from its
-   Visuals' total ``n``, or a Visual spans two rows.
+   Any other key is a ``TypeError``. ``visual`` must not need ``input_ids`` or
+   ``attention_mask``: :func:`visual_features` passes them only when its caller does.
+   Each :class:`Visual` is one image or one video with ``token_id`` (its placeholder
+   id in ``input_ids``), ``features`` ``(n, H)``: exactly the rows the model writes
+   into its ``n`` placeholders, in that order, after the projector / merger
+   (selection runs on them), ``extras``: more per-token tensors ``(n, ...)`` that must
+   be gathered with the same picks (Qwen3-VL's deepstack features, one per layer), and
+   ``modality`` (``"image"`` or ``"video"``, for the adapter's own use). **Order:** the
+   Visuals with one token id are matched to that id's placeholders in row-major order
+   (row 0 left to right, then row 1, ...), ``n`` at a time, exactly as the model's
+   ``masked_scatter`` fills them; Visuals of different ids may come in any order (the
+   list order is kept in ``batch.kept``). The placeholders of one Visual must lie in
+   one row; they need not be contiguous. The core then raises ``ValueError`` if an
+   id's placeholder count differs from its Visuals' total ``n``, or a Visual spans two
+   rows.
 3. ``position_ids(model, inputs) -> Tensor | None`` (optional, default None), called
    after the core has checked the placeholder counts: the position ids of the
-   *unpruned* prompt, also kept as ``batch.positions`` for ``outputs``. None: the pruned prompt gets contiguous
-   positions (the model / ``generate()`` number the kept tokens 0..L'-1, as in the
-   authors' code) and no ``position_ids`` is returned. A tensor ``(..., B, L)`` (e.g.
-   multimodal RoPE ``(3, B, L)``): the core gathers it along the kept tokens, re-pads
-   it with 0 on the padding side and returns it as ``position_ids``.
-4. ``outputs(model, batch: PrunedBatch) -> dict`` (required): the keys that carry the
-   prompt, e.g. ``{"inputs_embeds": batch.inputs_embeds(model)}``, or pruned
-   ``input_ids`` + ``mm_encoder_outputs`` built from ``batch.kept``. The core has
-   already put in the result: ``attention_mask``, ``position_ids`` (step 3) and every
-   per-token tensor of :data:`PER_TOKEN_PAD` the caller passed (``labels``,
-   ``token_type_ids``, ``mm_token_type_ids``), all gathered and re-padded; the dict
-   ``outputs`` returns is merged over them (a key mapped to None is removed).
+   *unpruned* prompt, which ``outputs`` finds as ``batch.positions``. None: the pruned
+   prompt gets contiguous positions (the model / ``generate()`` number the kept tokens
+   0..L'-1, as in the authors' code) and no ``position_ids`` is returned. A tensor
+   ``(..., B, L)`` (e.g. multimodal RoPE ``(3, B, L)``): the core gathers it along the
+   kept tokens, re-pads it with 0 on the padding side and returns it as ``position_ids``.
+4. ``outputs(model, batch: PrunedBatch) -> dict`` (optional): the keys that carry the
+   prompt. The default returns ``{"inputs_embeds": batch.inputs_embeds(model)}``; a
+   family whose model needs more (e.g. pruned ``input_ids`` + ``mm_encoder_outputs``
+   built from ``batch.kept``) overrides it. The core has already put in the result:
+   ``attention_mask``, ``position_ids`` (step 3) and every per-token tensor of
+   :data:`PER_TOKEN_PAD` the caller passed (``labels``, ``token_type_ids``,
+   ``mm_token_type_ids``), all gathered and re-padded; the dict ``outputs`` returns is
+   merged over them (a key mapped to None is removed).
 
 :class:`PrunedBatch` gives ``outputs``: ``inputs`` (as in step 2), ``kept`` (one
 :class:`Kept` per Visual, same order: ``.visual``, ``.picks`` (k,) indices into the
 Visual's ``n`` tokens in the order the kept tokens enter the LLM, ``.features``
 ``(k, H)`` and ``.extras`` gathered with them), ``positions`` (step 3's tensor, unpruned,
-or None), ``input_ids`` and ``attention_mask``
-``(B, L')`` of the pruned prompt (kept placeholders stay; padding gets the model's
-pad id), ``gather(values, pad, batch_dim)`` for any other per-token tensor
-(``(..., B, L)`` by default, ``(B, L, ...)`` with ``batch_dim=0``), ``inputs_embeds(model)``
-(the pruned prompt's embeddings with the kept features in their slots), and
-``padding_side``.
+or None), ``input_ids`` and ``attention_mask`` ``(B, L')`` of the pruned prompt (kept
+placeholders stay; padding gets the model's pad id), ``gather(values, pad, batch_dim)``
+for any other per-token tensor (``(..., B, L)`` by default, ``(B, L, ...)`` with
+``batch_dim=0``), ``inputs_embeds(model)`` (the model's embeddings of the pruned
+``input_ids`` with the kept features written into their slots: the placeholder ids must
+lie in the embedding's vocabulary, as they do for models that embed their own
+placeholders), and ``padding_side``.
 
 ``order="selection"``: each Visual's kept tokens occupy the same slots as with
 ``"original"``, filled in selection order; every gathered per-token tensor (positions
@@ -78,21 +79,22 @@ included) follows its token, so a kept token keeps its own position.
 
 Host syncs
 ==========
-On a GPU, :func:`prune_inputs` itself reads device values back once: one small
+On a GPU, :func:`prune_inputs` itself makes one host sync: it reads back one small
 ``(2 + ids, B)`` tensor (real tokens per row, whether each row starts with padding,
 placeholders per row and id), needed to check the placeholder counts, to assign
-Visuals to rows and to size the output (L' is a shape). Everything else (selection
-with ``validate=False``: the model's features are finite or its output is NaN anyway,
-``nonzero_static`` of known size, scatters, gathers) stays on the device. The adapter's
-feature code (the model's own ``get_image_features`` etc., and e.g. a rope-index
-function) makes whatever syncs the model makes there.
-
-Changes to this contract are listed here:
-- ``position_ids`` runs after the placeholder check; its result is ``batch.positions``.
+Visuals to rows and to size the output (L' is a shape). Everything else stays on the
+device: selection (``validate=False``: the model's features are finite or its output
+is NaN anyway), masks, ``nonzero_static`` of known size, scatters, gathers; nothing is
+copied from the host to the device (Python numbers go in as scalars; a tensor built
+from a Python list would be a blocking copy). The
+adapter's feature code (the model's own ``get_image_features`` etc., and e.g. a
+rope-index function) makes whatever syncs the model makes there, and an adapter's own
+checks add what its module lists.
 """
+import functools
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
 
@@ -145,7 +147,7 @@ class Adapter:
         return None
 
     def outputs(self, model, batch: "PrunedBatch") -> Dict[str, Any]:
-        raise NotImplementedError
+        return {"inputs_embeds": batch.inputs_embeds(model)}
 
 
 _ADAPTERS: Dict[str, Adapter] = {}
@@ -195,8 +197,8 @@ def _selectable(features: torch.Tensor) -> torch.Tensor:
     return features if features.dtype in (torch.float32, torch.float16, torch.bfloat16) else features.float()
 
 
-def _select(visuals: Sequence[Visual], keep_ratio: float, order: str) -> List[torch.Tensor]:
-    """Each Visual's picks, in the order they enter the LLM; one operator call per item size."""
+def _select(visuals: Sequence[Visual], keep_ratio: float, order: str) -> List[Kept]:
+    """What each Visual keeps, picks in the order they enter the LLM; one operator call per item size."""
     picks: List[Optional[torch.Tensor]] = [None] * len(visuals)
     groups: Dict[Tuple, List[int]] = {}
     for n, v in enumerate(visuals):
@@ -208,99 +210,34 @@ def _select(visuals: Sequence[Visual], keep_ratio: float, order: str) -> List[to
             chosen = chosen.sort(dim=1).values
         for n, c in zip(members, chosen):
             picks[n] = c
-    return picks
+    return [Kept(v, p) for v, p in zip(visuals, picks)]
 
 
-class PrunedBatch:
-    """The pruned prompts: which tokens remain, where, and helpers to build the model's inputs."""
+@dataclass
+class _Layout:
+    """What the core's one host read decides, before anything is selected."""
+    padding_side: str
+    width: int                              # L', the pruned batch's length
+    placeholders: Dict[int, torch.Tensor]   # (B, L) mask of each placeholder id, in the Visuals' order
 
-    def __init__(self, model, inputs: Dict[str, Any], visuals: Sequence[Visual], keep_ratio: float, order: str,
-                 padding_side: Optional[str]):
-        self.inputs = inputs
-        self.positions: Optional[torch.Tensor] = None  # the adapter's unpruned position ids, set by prune_inputs
-        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
-        token_ids = list(dict.fromkeys(v.token_id for v in visuals))
-        # The one host read: real tokens per row, rows starting with padding, placeholders per row and id.
-        counts = torch.stack([attention_mask.sum(1), attention_mask[:, 0] == 0]
-                             + [(input_ids == t).sum(1) for t in token_ids]).tolist()
-        real, starts_padded, per_row = counts[0], counts[1], dict(zip(token_ids, counts[2:]))
-        if padding_side is None:
-            padding_side = "left" if any(starts_padded) else "right"
-        if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        self.padding_side = padding_side
-        rows = {t: _rows_of(t, [len(v.features) for v in visuals if v.token_id == t], per_row[t]) for t in per_row}
 
-        picks = _select(visuals, keep_ratio, order)
-        self.kept = [Kept(v, p) for v, p in zip(visuals, picks)]
-        keep, origin, lengths = self._place(input_ids, attention_mask, visuals, picks, real, per_row, rows)
-        self._compact(keep, origin, lengths)
-        self.attention_mask = self._valid.to(attention_mask.dtype)
-        self.input_ids = self.gather(input_ids, _pad_token_id(model))
-
-    def _place(self, input_ids, attention_mask, visuals, picks, real, per_row, rows):
-        """Marks the tokens that stay (text and picked visual tokens) in ``keep`` (B*L,), records in
-        ``origin`` (B*L,) which input token each slot takes (itself, but a kept visual slot takes its
-        item's next pick: picks in selection order) and returns the rows' pruned lengths."""
-        batch, length = input_ids.shape
-        self._where: List[torch.Tensor] = [None] * len(visuals)  # flat (B*L) input position of each kept token
-        ids = torch.tensor(list(per_row), dtype=input_ids.dtype, device=input_ids.device)
-        keep = (attention_mask.bool() & ~torch.isin(input_ids, ids)).flatten()
-        origin = torch.arange(batch * length, device=input_ids.device)
-        lengths = list(real)
-        for t, row_counts in per_row.items():
-            members = [n for n, v in enumerate(visuals) if v.token_id == t]
-            flat = torch.nonzero_static((input_ids == t).flatten(), size=sum(row_counts)).squeeze(1)
-            offset = 0
-            for n, row in zip(members, rows[t]):
-                size, pick = len(visuals[n].features), picks[n].to(flat.device)
-                slots = flat[offset:offset + size]
-                self._where[n] = slots[pick]
-                sorted_slots = slots[pick.sort().values]
-                keep[sorted_slots] = True
-                origin[sorted_slots] = self._where[n]
-                lengths[row] -= size - len(pick)
-                offset += size
-        self._shape = (batch, length)
-        return keep.view(batch, length), origin, lengths
-
-    def _compact(self, keep, origin, lengths):
-        """``_source`` (B, W): the flat input index of each output token, -1 at padding. The kept tokens
-        of row b go to columns [0, len_b) (right padding) or [W - len_b, W) (left padding)."""
-        (batch, _), device = keep.shape, keep.device
-        self.width = width = max(lengths, default=0)
-        column = keep.cumsum(1) - 1
-        if self.padding_side == "left":
-            column = column + (width - torch.tensor(lengths, device=device))[:, None]
-        row_start = torch.arange(batch, device=device)[:, None] * width
-        dest = torch.where(keep, row_start + column, batch * width)  # dropped tokens go to a spare slot
-        source = torch.full((batch * width + 1,), -1, device=device)
-        source.scatter_(0, dest.flatten(), origin)
-        self._source = source[:-1].view(batch, width)
-        self._valid = self._source >= 0
-
-    def gather(self, values: torch.Tensor, pad: Any = 0, batch_dim: Optional[int] = None) -> torch.Tensor:
-        """``values`` (..., B, L) (or (B, L, ...) with ``batch_dim=0``) at the kept tokens, re-padded with ``pad``."""
-        bd = values.dim() - 2 if batch_dim is None else batch_dim
-        if tuple(values.shape[bd:bd + 2]) != self._shape:
-            raise ValueError(f"expected a per-token tensor with (batch, length) = {self._shape} at dims "
-                             f"{bd}, {bd + 1}; got shape {tuple(values.shape)}")
-        picked = values.flatten(bd, bd + 1).index_select(bd, self._source.clamp(min=0).flatten())
-        picked = picked.unflatten(bd, (self._shape[0], self.width))
-        valid = self._valid.view(self._valid.shape + (1,) * (values.dim() - bd - 2))
-        return picked.masked_fill(~valid, pad)
-
-    def inputs_embeds(self, model) -> torch.Tensor:
-        """(B, L', H): the model's text embeddings with the kept visual features in their slots."""
-        input_ids = self.inputs["input_ids"]
-        token_ids = torch.tensor([k.visual.token_id for k in self.kept], dtype=input_ids.dtype, device=input_ids.device)
-        placeholders = torch.isin(input_ids, token_ids)
-        # Placeholder ids may lie outside the vocabulary (Gemma 3); their rows are overwritten anyway.
-        embeds = model.get_input_embeddings()(input_ids.masked_fill(placeholders, 0))
-        flat = embeds.view(-1, embeds.shape[-1])
-        for kept, where in zip(self.kept, self._where):
-            flat[where] = kept.features.to(flat.device, flat.dtype)
-        return self.gather(embeds, 0, batch_dim=0)
+def _layout(inputs: Dict[str, Any], visuals: Sequence[Visual], keep_ratio: float,
+            padding_side: Optional[str]) -> _Layout:
+    """Checks the placeholders against the Visuals and sizes the pruned batch: the one host read."""
+    input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+    placeholders = {t: input_ids == t for t in dict.fromkeys(v.token_id for v in visuals)}
+    # The one host read: real tokens per row, rows starting with padding, placeholders per row and id.
+    counts = torch.stack([attention_mask.sum(1), attention_mask[:, 0] == 0]
+                         + [mask.sum(1) for mask in placeholders.values()]).tolist()
+    real, starts_padded = counts[0], counts[1]
+    lengths = list(real)
+    for t, per_row in zip(placeholders, counts[2:]):
+        sizes = [len(v.features) for v in visuals if v.token_id == t]
+        for row, size in zip(_rows_of(t, sizes, per_row), sizes):
+            lengths[row] -= size - divprune_ext.keep_count(size, keep_ratio)
+    if padding_side is None:
+        padding_side = "left" if any(starts_padded) else "right"
+    return _Layout(padding_side, max(lengths, default=0), placeholders)
 
 
 def _rows_of(token_id: int, sizes: Sequence[int], per_row: Sequence[int]) -> List[int]:
@@ -321,26 +258,98 @@ def _rows_of(token_id: int, sizes: Sequence[int], per_row: Sequence[int]) -> Lis
     return rows
 
 
-def _split_inputs(adapter: Adapter, input_ids, attention_mask, inputs: Dict[str, Any]) -> Dict[str, Any]:
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-        raise ValueError(f"input_ids must have shape (batch, length), got {shape}")
+def _place(inputs: Dict[str, Any], kept: Sequence[Kept], placeholders: Dict[int, torch.Tensor]):
+    """Which input tokens stay and what fills them.
+
+    Returns ``keep`` (B, L): real text tokens and the placeholders at each Visual's picks;
+    ``origin`` (B*L,): the flat input token each input slot takes (itself, but a kept visual
+    slot takes its item's next pick: picks in selection order fill the slots left to right);
+    ``filled``: per Kept, the flat input slots its kept tokens fill, in the order they enter."""
+    input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+    is_placeholder = functools.reduce(torch.logical_or, placeholders.values(),
+                                      torch.zeros_like(input_ids, dtype=torch.bool))
+    keep = (attention_mask.bool() & ~is_placeholder).flatten()
+    origin = torch.arange(input_ids.numel(), device=input_ids.device)
+    filled: List[Optional[torch.Tensor]] = [None] * len(kept)
+    for t, mask in placeholders.items():
+        members = [n for n, k in enumerate(kept) if k.visual.token_id == t]
+        sizes = [len(kept[n].visual.features) for n in members]
+        slots = torch.nonzero_static(mask.flatten(), size=sum(sizes)).squeeze(1)
+        for n, item_slots in zip(members, slots.split(sizes)):
+            picks = kept[n].picks.to(item_slots.device)
+            filled[n] = item_slots[picks.sort().values]
+            keep.index_fill_(0, filled[n], True)
+            origin.index_copy_(0, filled[n], item_slots[picks])
+    return keep.view(input_ids.shape), origin, filled
+
+
+def _compact(keep: torch.Tensor, origin: torch.Tensor, width: int, padding_side: str):
+    """``dest`` (B*L,): the flat output index (into B*W) of each input token, B*W for the dropped ones;
+    ``source`` (B, W): the flat input index of each output token, -1 at padding. The kept tokens of
+    row b go to columns [0, len_b) (right padding) or [W - len_b, W) (left padding)."""
+    batch, device = keep.shape[0], keep.device
+    column = keep.cumsum(1) - 1
+    if padding_side == "left":
+        column = column + (width - keep.sum(1, keepdim=True))
+    row_start = torch.arange(batch, device=device)[:, None] * width
+    dest = torch.where(keep, row_start + column, batch * width).flatten()  # dropped tokens go to a spare slot
+    source = torch.full((batch * width + 1,), -1, device=device)
+    source.scatter_(0, dest, origin)
+    return dest, source[:-1].view(batch, width)
+
+
+class PrunedBatch:
+    """The pruned prompts: which tokens remain, where, and helpers to build the model's inputs."""
+
+    def __init__(self, model, inputs: Dict[str, Any], kept: List[Kept], positions: Optional[torch.Tensor],
+                 layout: _Layout):
+        self.inputs, self.kept, self.positions, self.padding_side = inputs, kept, positions, layout.padding_side
+        keep, origin, filled = _place(inputs, kept, layout.placeholders)
+        dest, self._source = _compact(keep, origin, layout.width, layout.padding_side)
+        # The flat output slot of each kept visual token, Kept after Kept, each in the order they enter.
+        self._slots = dest[torch.cat(filled)] if kept else None
+        self.attention_mask = (self._source >= 0).to(inputs["attention_mask"].dtype)
+        self.input_ids = self.gather(inputs["input_ids"], _pad_token_id(model))
+
+    def gather(self, values: torch.Tensor, pad: Any = 0, batch_dim: Optional[int] = None) -> torch.Tensor:
+        """``values`` (..., B, L) (or (B, L, ...) with ``batch_dim=0``) at the kept tokens, re-padded with ``pad``."""
+        bd = values.dim() - 2 if batch_dim is None else batch_dim
+        shape = tuple(self.inputs["input_ids"].shape)
+        if tuple(values.shape[bd:bd + 2]) != shape:
+            raise ValueError(f"expected a per-token tensor with (batch, length) = {shape} at dims "
+                             f"{bd}, {bd + 1}; got shape {tuple(values.shape)}")
+        picked = values.flatten(bd, bd + 1).index_select(bd, self._source.clamp(min=0).flatten())
+        picked = picked.unflatten(bd, self._source.shape)
+        valid = (self._source >= 0).view(self._source.shape + (1,) * (values.dim() - bd - 2))
+        return picked.masked_fill(~valid, pad)
+
+    def inputs_embeds(self, model) -> torch.Tensor:
+        """(B, L', H): the model's embeddings of the pruned ``input_ids``, kept visual features in their slots."""
+        embeds = model.get_input_embeddings()(self.input_ids)
+        if self.kept:
+            features = torch.cat([k.features for k in self.kept]).to(embeds.device, embeds.dtype)
+            embeds.view(-1, embeds.shape[-1]).index_copy_(0, self._slots, features)
+        return embeds
+
+
+def _given(adapter: Adapter, inputs: Dict[str, Any]) -> Dict[str, Any]:
+    """The inputs that are not None; TypeError for a key the family does not take."""
     given = {k: v for k, v in inputs.items() if v is not None}
-    unknown = sorted(set(given) - set(PER_TOKEN_PAD) - set(adapter.inputs))
+    unknown = sorted(set(given) - {"input_ids", "attention_mask"} - set(PER_TOKEN_PAD) - set(adapter.inputs))
     if unknown:
         raise TypeError(f"{type(adapter).__name__} takes {', '.join(adapter.inputs + tuple(PER_TOKEN_PAD))}; "
                         f"got unexpected {', '.join(unknown)}")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, **given}
+    return given
 
 
-def visual_features(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+def visual_features(model, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
                     **inputs) -> List[Visual]:
-    """The :class:`Visual` list ``prune_inputs`` selects on: each image's / video's tokens as they enter the LLM."""
+    """The :class:`Visual` list ``prune_inputs`` selects on: each image's / video's tokens as they enter
+    the LLM. Takes the processor's visual inputs; ``input_ids`` / ``attention_mask`` may be left out."""
     adapter = adapter_for(model)
+    inputs = _given(adapter, {"input_ids": input_ids, "attention_mask": attention_mask, **inputs})
     with torch.no_grad():
-        return adapter.visual(model, _split_inputs(adapter, input_ids, attention_mask, inputs))
+        return adapter.visual(model, inputs)
 
 
 @torch.no_grad()
@@ -371,18 +380,27 @@ def prune_inputs(model, input_ids: torch.Tensor, attention_mask: Optional[torch.
 
     Host syncs: one read of a small (2 + placeholder ids, B) tensor, to check the
     placeholder counts, assign images / videos to rows and size the pruned batch (its
-    width is a shape); plus whatever the model's own feature code reads (see the
-    module docstring). Selection and gathering stay on the device.
+    width is a shape); plus whatever the model's own feature code reads and the
+    adapter's own checks (see the module docstring). Selection and gathering stay on
+    the device, and nothing is copied from the host to the device.
     """
     adapter = adapter_for(model)
     divprune_ext.keep_count(1, keep_ratio)  # validates keep_ratio
     if order not in ("original", "selection"):
         raise ValueError(f"order must be 'original' or 'selection', got {order!r}")
-    inputs = _split_inputs(adapter, input_ids, attention_mask, inputs)
+    if padding_side not in (None, "left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must have shape (batch, length), got {shape}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    inputs = _given(adapter, {"input_ids": input_ids, "attention_mask": attention_mask, **inputs})
     adapter.check(model)
     visuals = adapter.visual(model, inputs)
-    batch = PrunedBatch(model, inputs, visuals, keep_ratio, order, padding_side)  # checks the placeholders
-    batch.positions = positions = adapter.position_ids(model, inputs)
+    layout = _layout(inputs, visuals, keep_ratio, padding_side)  # the host read; checks the placeholders
+    positions = adapter.position_ids(model, inputs)
+    batch = PrunedBatch(model, inputs, _select(visuals, keep_ratio, order), positions, layout)
 
     result: Dict[str, Any] = {"attention_mask": batch.attention_mask}
     for key, pad in PER_TOKEN_PAD.items():

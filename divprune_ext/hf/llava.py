@@ -2,9 +2,9 @@
 
 All of them insert the projected visual tokens into the LLM's input embeddings with
 ``masked_scatter`` and use 1-D RoPE, so the pruned prompt is returned as
-``inputs_embeds`` (``generate()`` then returns only the new tokens) with contiguous
-positions after pruning, as in the authors' code. This works with transformers 5.17
-and later.
+``inputs_embeds`` (``Adapter.outputs``'s default; ``generate()`` then returns only the
+new tokens) with contiguous positions after pruning, as in the authors' code. This
+works with transformers 5.17 and later.
 
 Selection runs on the tokens exactly as the model inserts them: after the projector,
 image-newline tokens included (LLaVA-NeXT / OneVision images, OneVision videos).
@@ -38,15 +38,8 @@ def feature_choice(config) -> dict:
             "vision_feature_select_strategy": config.vision_feature_select_strategy}
 
 
-class _EmbedsAdapter(Adapter):
-    """Families whose pruned prompt goes in as ``inputs_embeds``."""
-
-    def outputs(self, model, batch):
-        return {"inputs_embeds": batch.inputs_embeds(model)}
-
-
 @register
-class Llava(_EmbedsAdapter):
+class Llava(Adapter):
     """LLaVA-1.5, LLaVA-NeXT (anyres tiles + image-newline tokens), LLaVA-NeXT-Video (images and videos)."""
     models = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
               "LlavaNextVideoForConditionalGeneration")
@@ -65,7 +58,7 @@ class Llava(_EmbedsAdapter):
 
 
 @register
-class LlavaOnevision(_EmbedsAdapter):
+class LlavaOnevision(Adapter):
     """LLaVA-OneVision: one image per prompt is tiled (anyres), several are not (``batch_num_images``
     decides, as in the model); a video is one item of frames x pooled tokens + one newline token."""
     models = ("LlavaOnevisionForConditionalGeneration",)

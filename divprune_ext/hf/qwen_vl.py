@@ -71,10 +71,12 @@ Besides the core's one read (see ``divprune_ext.hf.core``): the model's own feat
 (a Python loop over each row's token types) read from the device as the model does on every
 multimodal prefill. The adapter's own check of the placeholders against the grids, before
 the rope index is computed (a mismatch otherwise gives wrong positions or an unrelated
-error), reads the grids, the lengths of the placeholder runs and, when ``mm_token_type_ids``
-is given, whether it agrees with ``input_ids``: a few small reads per call.
+error), adds at most four small syncs per call: one read of the grids (both modalities
+together), a ``nonzero`` and one read for the placeholder runs (both modalities together),
+and, when ``mm_token_type_ids`` is given, one read of whether it agrees with ``input_ids``.
 """
-from typing import Any, Dict, List, Sequence
+from itertools import islice
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -85,11 +87,6 @@ _TYPE = {"image": 1, "video": 2}  # mm_token_type_ids, as the processors write t
 _KEYS = {"image": ("pixel_values", "image_grid_thw"), "video": ("pixel_values_videos", "video_grid_thw")}
 
 
-def _sizes(grid: torch.Tensor, merge: int) -> List[int]:
-    """Tokens each item (a row of a ``*_grid_thw``) enters the LLM with."""
-    return (grid.prod(-1) // merge ** 2).tolist()
-
-
 def _per_item(values, sizes: Sequence[int]) -> List[torch.Tensor]:
     """One tensor per item: the model returns a tuple per item, or (5.17's deepstack) one concatenation."""
     if isinstance(values, torch.Tensor):
@@ -97,31 +94,33 @@ def _per_item(values, sizes: Sequence[int]) -> List[torch.Tensor]:
     return list(values)
 
 
-def _runs(is_token: torch.Tensor):
-    """(row, length) of each run of True in a (B, L) mask, row-major: one device read."""
-    edges = F.pad(is_token.to(torch.int8), (1, 1)).diff(dim=1)
-    starts, ends = (edges == 1).nonzero(), (edges == -1).nonzero()
-    return list(zip(starts[:, 0].tolist(), (ends[:, 1] - starts[:, 1]).tolist()))
+def _runs(types: torch.Tensor) -> List[Tuple[int, int, int]]:
+    """(row, value, length) of each run of one nonzero value in a (B, L) tensor, row-major: one
+    ``nonzero`` and one read."""
+    padded = F.pad(types, (1, 1))
+    starts = (padded.diff(dim=1) != 0).nonzero()  # (row, column): a run of padded[row, column + 1] starts
+    found = torch.cat([starts, padded[starts[:, 0], starts[:, 1] + 1].unsqueeze(1)], dim=1).tolist()
+    return [(row, value, end - start) for (row, start, value), (next_row, end, _) in zip(found, found[1:])
+            if value and next_row == row]
 
 
 class _QwenVL(Adapter):
     inputs = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
     frames_apart = False  # Qwen3-VL writes each video frame as its own run (a timestamp between frames)
 
-    # ----- contract -----
-
     def visual(self, model, inputs: Dict[str, Any]) -> List[Visual]:
         found = []
-        for modality, (pixels, grid_key) in _KEYS.items():
+        for modality, (pixels, _) in _KEYS.items():
             if pixels not in inputs:
                 continue
-            grid = self._grid(inputs, modality)
-            out = getattr(model.model, f"get_{modality}_features")(inputs[pixels], grid, return_dict=True)
-            sizes = _sizes(grid, model.config.vision_config.spatial_merge_size)
-            features = _per_item(out.pooler_output, sizes)
-            extras = [_per_item(layer, sizes) for layer in self._extras(out)]
+            out = getattr(model.model, f"get_{modality}_features")(inputs[pixels], self._grid(inputs, modality),
+                                                                   return_dict=True)
+            features = list(out.pooler_output)  # one (n, H) per item: the model splits them by its grid
+            deepstack = [_per_item(layer, [len(f) for f in features])
+                         for layer in getattr(out, "deepstack_features", None) or ()]  # Qwen3-VL
             token = getattr(model.config, f"{modality}_token_id")
-            found += [Visual(token, f, tuple(layer[i] for layer in extras), modality) for i, f in enumerate(features)]
+            found += [Visual(token, f, tuple(layer[i] for layer in deepstack), modality)
+                      for i, f in enumerate(features)]
         return found
 
     def position_ids(self, model, inputs: Dict[str, Any]) -> torch.Tensor:
@@ -134,17 +133,7 @@ class _QwenVL(Adapter):
 
     def outputs(self, model, batch) -> Dict[str, Any]:
         self._set_rope_deltas(model, batch)
-        return self._prompt(model, batch)
-
-    # ----- per family -----
-
-    def _extras(self, encoded) -> Sequence:
-        return ()
-
-    def _prompt(self, model, batch) -> Dict[str, Any]:
-        return {"inputs_embeds": batch.inputs_embeds(model)}
-
-    # ----- helpers -----
+        return super().outputs(model, batch)
 
     def _grid(self, inputs, modality: str) -> torch.Tensor:
         pixels, grid_key = _KEYS[modality]
@@ -173,29 +162,27 @@ class _QwenVL(Adapter):
     def _check_placeholders(self, model, inputs, types: torch.Tensor) -> None:
         """Each image's / video's placeholder run(s) must have the length its grid gives, in prompt order."""
         merge = model.config.vision_config.spatial_merge_size
-        real = inputs["attention_mask"].bool()
+        grids = {m: self._grid(inputs, m) for m, (pixels, _) in _KEYS.items() if pixels in inputs}
+        read = iter(torch.cat(list(grids.values())).tolist() if grids else [])  # one read for both modalities
+        items = {modality: list(islice(read, len(grid))) for modality, grid in grids.items()}
+        runs = _runs(types.masked_fill(~inputs["attention_mask"].bool(), 0))
         for modality, value in _TYPE.items():
-            token = getattr(model.config, f"{modality}_token_id")
-            grid = self._grid(inputs, modality) if _KEYS[modality][0] in inputs else None
-            items = [] if grid is None else grid.tolist()
+            token, grid_key = getattr(model.config, f"{modality}_token_id"), _KEYS[modality][1]
+            thw = items.get(modality, [])
             expected = []  # (item, tokens) per run, in fill order
-            for n, (t, h, w) in enumerate(items):
+            for n, (t, h, w) in enumerate(thw):
                 if modality == "video" and self.frames_apart:
                     expected += [(n, h * w // merge ** 2)] * t
                 else:
                     expected.append((n, t * h * w // merge ** 2))
-            runs = _runs((types == value) & real)
-            found, made = sum(length for _, length in runs), sum(size for _, size in expected)
-            if found != made:
-                raise ValueError(f"{found} tokens with id {token} in input_ids but the model makes {made} visual "
-                                 f"features for them ({len(items)} {modality}s in {_KEYS[modality][1]})")
-            if len(runs) != len(expected):
-                raise ValueError(f"input_ids has {len(runs)} runs of {modality} tokens (id {token}) but "
-                                 f"{_KEYS[modality][1]} makes {len(expected)}"
+            found = [(row, length) for row, kind, length in runs if kind == value]
+            if len(found) != len(expected):
+                raise ValueError(f"input_ids has {len(found)} runs of {modality} tokens (id {token}) but "
+                                 f"{grid_key} makes {len(expected)}"
                                  + (" (one per frame)" if modality == "video" and self.frames_apart else ""))
-            for (row, length), (n, size) in zip(runs, expected):
+            for (row, length), (n, size) in zip(found, expected):
                 if length != size:
-                    raise ValueError(f"{modality} {n} ({_KEYS[modality][1]} {items[n]}) makes {size} tokens per run "
+                    raise ValueError(f"{modality} {n} ({grid_key} {thw[n]}) makes {size} tokens per run "
                                      f"but its placeholder run in row {row} has {length} tokens with id {token}")
 
     def _set_rope_deltas(self, model, batch) -> None:
@@ -223,10 +210,8 @@ class Qwen3VL(_QwenVL):
     def check(self, model):
         require_encoder_outputs(model, "Qwen3-VL (its deepstack features must follow the kept tokens)")
 
-    def _extras(self, encoded):
-        return encoded.deepstack_features or ()
-
-    def _prompt(self, model, batch):
+    def outputs(self, model, batch):
+        self._set_rope_deltas(model, batch)
         encoded = {}
         for modality in _TYPE:
             kept = [k for k in batch.kept if k.visual.modality == modality]

@@ -1,0 +1,170 @@
+"""Tiny random vision-language checkpoints that vLLM loads, built locally (nothing downloaded).
+
+``build(kind, directory) -> path`` writes a float32 model of ``kind`` (one of ``KINDS``) made from
+a config with seeded random weights, and a working processor (image processor, a tokenizer
+trained here on a few sentences, the family's special tokens and a chat template), into
+``directory``. Same kind, same files: the weights come from ``torch.manual_seed(SEED)``.
+
+Sizes: text hidden 64 with 2 heads (head_dim 32, the smallest vLLM's CPU attention takes),
+2 layers; vision towers of 2 layers. LLaVA: CLIP 56x56 images in 14x14 patches -> 16 tokens an
+image. Qwen-VL: 14x14 patches merged 2x2, 16 to 64 merged tokens an image (min / max_pixels),
+so tall and wide images get different grids. ``initializer_range`` 0.3: random weights at the
+default 0.02 barely look at the image, and different images must give different greedy tokens.
+
+Adding a kind: a function ``_<kind>(tokenizer) -> (model, processor)`` in ``BUILDERS``, and a
+rename in ``RENAMES`` when vLLM's weight loader expects other names than transformers saves.
+"""
+import json
+import os
+from typing import Callable, Dict, List, Tuple
+
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+SEED = 0
+INIT = 0.3
+KINDS = ["llava", "qwen2_vl", "qwen2_5_vl"]
+LLAVA_SIDE, LLAVA_PATCH = 56, 14
+QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 16 * 28 * 28, 64 * 28 * 28
+SENTENCES = [
+    "what is in the image ?", "describe the picture in a few words .", "the cat sat on the mat .",
+    "a red ball and a blue box are on the table .", "compare the two images and the video .",
+    "user assistant system : hello world , how are you today ?", "one two three four five six seven eight nine ten",
+]
+LLAVA_SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>"]
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' or part['type'] == 'image_url' %}<image>\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}\n"
+    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+QWEN_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' or part['type'] == 'image_url' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'video' or part['type'] == 'video_url' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tokenizer(special: List[str], template: str, **roles) -> transformers.PreTrainedTokenizerFast:
+    """A word-level tokenizer trained on SENTENCES, the special tokens first (ids 0, 1, ...)."""
+    tok = Tokenizer(models.WordLevel(unk_token=special[0] if "<unk>" not in special else "<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.train_from_iterator(SENTENCES, trainers.WordLevelTrainer(special_tokens=special + ["<unk>"] * ("<unk>" not in special)))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=template, **roles)
+    fast.add_special_tokens({"additional_special_tokens": [t for t in special if t not in roles.values()]})
+    return fast
+
+
+def _text(vocab: int, **overrides) -> dict:
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=2048,
+                  initializer_range=INIT, tie_word_embeddings=False)
+    return {**common, **overrides}
+
+
+def _llava() -> Tuple[torch.nn.Module, object]:
+    tok = tokenizer(LLAVA_SPECIAL, LLAVA_TEMPLATE, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                    unk_token="<unk>")
+    vocab = len(tok)
+    vision = transformers.CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=LLAVA_SIDE, patch_size=LLAVA_PATCH,
+                                           initializer_range=INIT, initializer_factor=1.0)
+    text = transformers.LlamaConfig(**_text(vocab, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                            eos_token_id=tok.eos_token_id))
+    config = transformers.LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                                      image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+                                      vision_feature_select_strategy="default", initializer_range=INIT)
+    model = transformers.LlavaForConditionalGeneration(config)
+    image = transformers.CLIPImageProcessor(size={"shortest_edge": LLAVA_SIDE},
+                                            crop_size={"height": LLAVA_SIDE, "width": LLAVA_SIDE})
+    processor = transformers.LlavaProcessor(image_processor=image, tokenizer=tok, patch_size=LLAVA_PATCH,
+                                            vision_feature_select_strategy="default", chat_template=LLAVA_TEMPLATE,
+                                            num_additional_image_tokens=1)
+    return model, processor
+
+
+def _qwen(kind: str) -> Tuple[torch.nn.Module, object]:
+    tok = tokenizer(QWEN_SPECIAL, QWEN_TEMPLATE, pad_token="<|endoftext|>", eos_token="<|im_end|>")
+    vocab = len(tok)
+    ids = dict(image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+               video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+               vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+               vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"))
+    text = _text(vocab, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                 rope_parameters={"rope_type": "default", "mrope_section": [8, 4, 4], "rope_theta": 10000.0})
+    vision = dict(depth=2, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                  initializer_range=INIT)
+    if kind == "qwen2_vl":
+        vision.update(embed_dim=64, hidden_size=64, mlp_ratio=2)
+        model = transformers.Qwen2VLForConditionalGeneration(
+            transformers.Qwen2VLConfig(text_config=text, vision_config=vision, **ids))
+    else:
+        vision.update(hidden_size=64, intermediate_size=128, out_hidden_size=64, window_size=56,
+                      fullatt_block_indexes=[1], tokens_per_second=2)
+        model = transformers.Qwen2_5_VLForConditionalGeneration(
+            transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids))
+    size = {"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": QWEN_MAX_PIXELS}
+    image = transformers.Qwen2VLImageProcessor(size=size, patch_size=14, merge_size=2, temporal_patch_size=2)
+    video = transformers.Qwen2VLVideoProcessor(size=size, patch_size=14, merge_size=2, temporal_patch_size=2,
+                                               do_sample_frames=False)
+    cls = transformers.Qwen2VLProcessor if kind == "qwen2_vl" else transformers.Qwen2_5_VLProcessor
+    processor = cls(image_processor=image, tokenizer=tok, video_processor=video, chat_template=QWEN_TEMPLATE)
+    return model, processor
+
+
+BUILDERS: Dict[str, Callable[[], Tuple[torch.nn.Module, object]]] = {
+    "llava": _llava,
+    "qwen2_vl": lambda: _qwen("qwen2_vl"),
+    "qwen2_5_vl": lambda: _qwen("qwen2_5_vl"),
+}
+
+
+def _llava_rename(name: str) -> str:
+    """vLLM's CLIP tower (llava.py maps model.vision_tower. -> vision_tower.) holds its weights under
+    vision_model.*, as the original checkpoints do; transformers 5 saves them without it."""
+    prefix = "model.vision_tower."
+    if name.startswith(prefix) and not name.startswith(prefix + "vision_model."):
+        return prefix + "vision_model." + name[len(prefix):]
+    return name
+
+
+RENAMES: Dict[str, Callable[[str], str]] = {"llava": _llava_rename}
+
+
+def _rename(directory: str, rename: Callable[[str], str]) -> None:
+    from safetensors.torch import load_file, save_file
+    files = [f for f in os.listdir(directory) if f.endswith(".safetensors")]
+    for f in files:
+        path = os.path.join(directory, f)
+        tensors = load_file(path)
+        save_file({rename(k): v.contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as fh:
+            data = json.load(fh)
+        data["weight_map"] = {rename(k): v for k, v in data["weight_map"].items()}
+        with open(index, "w") as fh:
+            json.dump(data, fh)
+
+
+def build(kind: str, directory: str) -> str:
+    """Write the tiny ``kind`` checkpoint and its processor into ``directory``; return its path."""
+    if kind not in BUILDERS:
+        raise ValueError(f"unknown kind {kind!r}; known: {sorted(BUILDERS)}")
+    os.makedirs(directory, exist_ok=True)
+    torch.manual_seed(SEED)
+    model, processor = BUILDERS[kind]()
+    model = model.float().eval()
+    model.generation_config.eos_token_id = None  # generate() runs to max_new_tokens (vLLM: ignore_eos)
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    model.save_pretrained(directory, safe_serialization=True)
+    processor.save_pretrained(directory)
+    if kind in RENAMES:
+        _rename(directory, RENAMES[kind])
+    return directory

@@ -128,8 +128,11 @@ at::Tensor select_cpu(const at::Tensor& x, int64_t k) {
   return out;
 }
 
-// Similarities held at once by select_varlen (floats): 256 MiB, or one segment's if larger.
-constexpr int64_t kVarlenGroupFloats = int64_t(1) << 26;
+// Similarities held at once by select_varlen (floats): 1 MiB, or one segment's if larger.
+// A group's greedy loops read its matrices right after the Gram products wrote them, while
+// they are still in cache; larger groups measured slower than a loop of select (64 x 576:
+// 0.77x with 256 MiB groups), so only segments under ~500 rows share a group.
+constexpr int64_t kVarlenGroupFloats = int64_t(1) << 18;
 
 // Bit-identical to a loop of select over the segments: each segment's similarities
 // come from the same ATen calls on the same (n_i, D) view, one segment after another

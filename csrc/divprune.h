@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace divprune {
 
@@ -21,6 +22,18 @@ ProblemShape check_input(const at::Tensor& x, const char* op);
 
 // Validates 1 <= k <= M.
 void check_k(const ProblemShape& shape, int64_t k);
+
+// The segments of select_varlen: x (N, D) holds consecutive runs of lengths[i] rows.
+struct Segments {
+  std::vector<int64_t> rows;   // n_i
+  std::vector<int64_t> picks;  // k_i
+  int64_t total_picks = 0;     // sum k_i: the output's length
+  int64_t max_rows = 0;        // max n_i
+};
+
+// Validates x (N, D), sum(lengths) == N, n_i >= 1, len(k) == len(lengths) and
+// 1 <= k_i <= n_i; errors name the argument and its values.
+Segments check_segments(const at::Tensor& x, at::IntArrayRef lengths, at::IntArrayRef k, const char* op);
 
 // Output shapes: (k,) / (B, k) for select, (M, M) / (B, M, M) for distances.
 std::vector<int64_t> select_output_shape(const at::Tensor& x, int64_t k);

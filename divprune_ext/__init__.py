@@ -9,6 +9,7 @@ keep ratio into a token count and gather the kept tokens.
 >>> tokens = torch.randn(576, 4096)
 >>> kept, idx = divprune_ext.prune(tokens, keep_ratio=0.1)   # 58 tokens, original order
 """
+import importlib.util
 import math
 import numbers
 from typing import Optional, Tuple
@@ -17,9 +18,13 @@ import torch
 
 try:
     from . import _C  # noqa: F401  (registers the operators)
-except ModuleNotFoundError:
-    raise  # not built at all
 except ImportError as e:
+    # `from . import _C` raises a plain ImportError ("cannot import name") when there is
+    # no _C file at all, so look for the file before blaming the torch build.
+    if importlib.util.find_spec(f"{__name__}._C") is None:
+        raise ImportError("divprune_ext's compiled extension (divprune_ext._C) is not built in this source tree. "
+                          "Build it in place: python setup.py build_ext --inplace (or bash scripts/dev.sh build), "
+                          "or install the package: pip install .") from e
     # The compiled extension links against one torch build (release, CPU or CUDA); the
     # loader's own message (a missing library or symbol) does not say so.
     raise ImportError(f"divprune_ext's compiled extension does not load with the installed torch "
@@ -30,7 +35,7 @@ from . import _fake  # noqa: F401  (their fake kernels)
 from . import reference
 from ._version import __version__
 
-__all__ = ["select", "prune", "pairwise_distance", "keep_count", "reference", "cuda_available"]
+__all__ = ["select", "select_varlen", "prune", "pairwise_distance", "keep_count", "reference", "cuda_available"]
 
 
 def cuda_available() -> bool:
@@ -106,6 +111,79 @@ def select(x: torch.Tensor, k: Optional[int] = None, *, keep_ratio: Optional[flo
         _check_finite(x, "x")
     indices = torch.ops.divprune.select(x, k)
     return indices.sort(dim=-1).values if sorted else indices
+
+
+def _has_varlen_kernel(device_type: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("divprune::select_varlen", device_type.upper())
+
+
+def _int_list(values, name: str):
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
+        raise TypeError(f"{name} must be a list of ints, got {values!r}")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (numbers.Integral, torch.SymInt)):
+            raise TypeError(f"{name} must be a list of ints, got {list(values)!r}")
+    return list(values)
+
+
+def select_varlen(x: torch.Tensor, lengths, k=None, *, keep_ratio: Optional[float] = None,
+                  sorted: bool = False, validate: bool = True) -> torch.Tensor:
+    """:func:`select` for a batch of segments of different sizes, in one call.
+
+    Args:
+        x: (N, D), the segments' rows one after another (packed, like FlashAttention's varlen).
+        lengths: the segments' row counts n_i, ``sum(lengths) == N``.
+        k: tokens to keep per segment: a list (one per segment) or one int for all; or
+        keep_ratio: ``k_i = keep_count(n_i, keep_ratio)``.
+        sorted: each segment's picks in ascending order instead of selection order.
+        validate: as in :func:`select`.
+
+    Returns:
+        int64 (sum k_i,): each segment's picks in turn, as rows of x (its local picks plus
+        its start row). Equals ``torch.cat([select(x_i, k_i) + start_i, ...])`` bit for bit;
+        ``x.index_select(0, result)`` is the packed pruned tensor.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"x must have shape (N, D), the segments packed, got shape {tuple(x.shape)}")
+    lengths = _int_list(lengths, "lengths")
+    if not lengths:
+        raise ValueError("lengths is empty; give one length per segment")
+    bad = [(i, n) for i, n in enumerate(lengths) if n < 1]
+    if bad:
+        raise ValueError(f"lengths must be >= 1, got lengths[{bad[0][0]}] = {bad[0][1]} (lengths = {lengths})")
+    if sum(lengths) != x.shape[0]:
+        raise ValueError(f"sum(lengths) = {sum(lengths)} but x has N = {x.shape[0]} rows (lengths = {lengths})")
+    if (k is None) == (keep_ratio is None):
+        raise ValueError("give exactly one of k and keep_ratio")
+    if keep_ratio is not None:
+        ks = [keep_count(n, keep_ratio) for n in lengths]
+    else:
+        ks = [k] * len(lengths) if isinstance(k, (numbers.Integral, torch.SymInt)) and not isinstance(k, bool) \
+            else _int_list(k, "k")
+        if not ks:
+            raise ValueError("k is empty; give one k per segment (or one int for all)")
+        if len(ks) != len(lengths):
+            raise ValueError(f"k must have one entry per segment: len(k) = {len(ks)}, len(lengths) = {len(lengths)}")
+        for i, (ki, n) in enumerate(zip(ks, lengths)):
+            if not 1 <= ki <= n:
+                raise ValueError(f"k[{i}] must be in [1, lengths[{i}]] = [1, {n}], got k[{i}] = {ki}")
+    if validate:
+        _check_finite(x, "x")
+    if x.device.type == "cpu" or _has_varlen_kernel(x.device.type):
+        indices = torch.ops.divprune.select_varlen(x, lengths, ks)
+    else:
+        # No varlen kernel for this device yet (CUDA: issue #17's kernels are still to come):
+        # a loop of select, which the result equals by definition; still no host sync.
+        starts = [0]
+        for n in lengths[:-1]:
+            starts.append(starts[-1] + n)
+        indices = torch.cat([torch.ops.divprune.select(x.narrow(0, s, n), ki) + s
+                             for s, n, ki in zip(starts, lengths, ks)])
+    if not sorted:
+        return indices
+    return torch.cat([part.sort().values for part in indices.split(ks)])
 
 
 def pairwise_distance(x: torch.Tensor, *, validate: bool = True) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 :func:`prune_inputs` asks the model family's adapter for the visual tokens as they
 enter the LLM, keeps ``max(1, round(n * keep_ratio))`` of each image's / video's ``n``
-tokens with ``torch.ops.divprune.select``, drops the others from every per-token
+tokens with ``torch.ops.divprune.select_varlen`` (one call for the whole batch), drops the others from every per-token
 tensor, re-pads the batch on the side it was padded, and lets the adapter turn the
 result into the keyword arguments of ``model(...)`` / ``model.generate(...)``.
 
@@ -198,18 +198,22 @@ def _selectable(features: torch.Tensor) -> torch.Tensor:
 
 
 def _select(visuals: Sequence[Visual], keep_ratio: float, order: str) -> List[Kept]:
-    """What each Visual keeps, picks in the order they enter the LLM; one operator call per item size."""
+    """What each Visual keeps, picks in the order they enter the LLM: one select_varlen call over
+    all of them (one per dtype and device, which a model's visuals share)."""
     picks: List[Optional[torch.Tensor]] = [None] * len(visuals)
     groups: Dict[Tuple, List[int]] = {}
     for n, v in enumerate(visuals):
-        groups.setdefault((v.features.shape, v.features.dtype, v.features.device), []).append(n)
-    for (shape, _, _), members in groups.items():
-        stacked = torch.stack([_selectable(visuals[n].features) for n in members])
-        chosen = divprune_ext.select(stacked, divprune_ext.keep_count(shape[0], keep_ratio), validate=False)
-        if order == "original":
-            chosen = chosen.sort(dim=1).values
-        for n, c in zip(members, chosen):
-            picks[n] = c
+        groups.setdefault((v.features.shape[1:], v.features.dtype, v.features.device), []).append(n)
+    for members in groups.values():
+        lengths = [visuals[n].features.shape[0] for n in members]
+        packed = torch.cat([_selectable(visuals[n].features) for n in members])
+        chosen = divprune_ext.select_varlen(packed, lengths, keep_ratio=keep_ratio, sorted=order == "original",
+                                            validate=False)
+        start = 0
+        for n, length, c in zip(members, lengths, chosen.split([divprune_ext.keep_count(m, keep_ratio)
+                                                                for m in lengths])):
+            picks[n] = c - start  # rows of `packed` -> the Visual's own token indices
+            start += length
     return [Kept(v, p) for v, p in zip(visuals, picks)]
 
 

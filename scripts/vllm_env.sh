@@ -47,6 +47,10 @@ if [ -n "$missing" ]; then
   "$VPY" -m pip install --quiet $missing
 fi
 
+# torchcodec from PyPI needs FFmpeg's shared libraries; without them its import raises OSError,
+# which vLLM's optional import of it (vllm/multimodal/media/audio.py) does not catch: remove it.
+"$VPY" -c "import torchcodec" >/dev/null 2>&1 || "$VPY" -m pip uninstall --yes --quiet torchcodec >/dev/null 2>&1 || true
+
 # 3. torchvision / torchaudio from PyPI are CUDA builds whose ops don't load next to torch+cpu;
 #    patch them so that they import (idempotent; fails if they still don't).
 (cd / && "$VPY" "$ROOT/scripts/vllm_cpu_fixes.py")

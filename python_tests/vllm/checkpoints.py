@@ -126,11 +126,11 @@ BUILDERS: Dict[str, Callable[[], Tuple[torch.nn.Module, object]]] = {
 
 
 def _llava_rename(name: str) -> str:
-    """vLLM's CLIP tower (llava.py maps model.vision_tower. -> vision_tower.) holds its weights under
-    vision_model.*, as the original checkpoints do; transformers 5 saves them without it."""
-    prefix = "model.vision_tower."
-    if name.startswith(prefix) and not name.startswith(prefix + "vision_model."):
-        return prefix + "vision_model." + name[len(prefix):]
+    """vLLM's CLIP tower holds its weights under vision_tower.vision_model.*, as the original
+    checkpoints do; transformers 5.19 saves them as vision_tower.* (older: model.vision_tower.*)."""
+    for prefix in ("vision_tower.", "model.vision_tower."):
+        if name.startswith(prefix) and not name.startswith(prefix + "vision_model."):
+            return prefix + "vision_model." + name[len(prefix):]
     return name
 
 

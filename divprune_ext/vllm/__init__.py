@@ -1,0 +1,63 @@
+"""DivPrune inside vLLM: a plugin that prunes each image's / video's visual tokens per request.
+
+Installed with the package, it is loaded by vLLM itself (entry point ``vllm.general_plugins``
+-> :func:`register`) in every engine process; nothing to import. It replaces the model
+classes of the supported architectures (``SUPPORTED_ARCHITECTURES``) with subclasses that
+prune, through vLLM's ``ModelRegistry``::
+
+    vllm serve llava-hf/llava-1.5-7b-hf --hf-overrides '{"divprune_keep_ratio": 0.1}'
+
+and per request ``mm_processor_kwargs={"divprune_keep_ratio": 0.25}`` (offline
+``LLM.generate`` / ``LLM.chat``) or ``extra_body={"mm_processor_kwargs": {"divprune_keep_ratio":
+0.25}}`` (OpenAI client), which overrides the server-wide default. No ratio, or 1.0: vLLM runs
+as without the plugin. ``VLLM_PLUGINS=""`` (or a list without ``divprune``) turns it off.
+
+What happens to a request (``divprune_ext/vllm/core.py`` has the details): the prompt gets
+``k = keep_count(n, ratio)`` placeholders per item before the encoder runs; the encoder
+computes all ``n`` tokens; ``torch.ops.divprune.select_varlen`` picks ``k`` on the tokens as
+they enter the LLM (the same picks as ``divprune_ext.hf``), kept in their original order.
+Qwen2-VL / Qwen2.5-VL: kept tokens keep their multimodal RoPE positions (t, h, w) and text
+after an item keeps the positions it has in the unpruned prompt.
+
+Importing this module costs nothing; :func:`register` imports vLLM and checks its version
+(``SUPPORTED_VLLM``): any other version stops the engine with an error naming the range.
+"""
+__all__ = ["register", "KEY", "SUPPORTED_VLLM", "SUPPORTED_ARCHITECTURES"]
+
+KEY = "divprune_keep_ratio"  # the request kwarg and the hf_config attribute (server-wide default)
+SUPPORTED_VLLM = ((0, 32, 0), (0, 33, 0))  # [lowest, first unsupported): the versions tested
+# architecture (the checkpoint's config.json "architectures") -> "module:class", imported lazily by vLLM
+SUPPORTED_ARCHITECTURES = {
+    "LlavaForConditionalGeneration": "divprune_ext.vllm.llava:DivPruneLlava",
+    "Qwen2VLForConditionalGeneration": "divprune_ext.vllm.qwen_vl:DivPruneQwen2VL",
+    "Qwen2_5_VLForConditionalGeneration": "divprune_ext.vllm.qwen_vl:DivPruneQwen2_5_VL",
+}
+
+
+def _release(version: str):
+    parts = []
+    for piece in version.split("+")[0].split(".")[:3]:
+        digits = "".join(c for c in piece if c.isdigit()) or "0"
+        parts.append(int(digits))
+    return tuple(parts + [0] * (3 - len(parts)))
+
+
+def check_vllm_version(version: str) -> None:
+    """RuntimeError unless ``version`` lies in ``SUPPORTED_VLLM``: the plugin subclasses vLLM's
+    model and processor classes, whose internals change between releases."""
+    low, high = SUPPORTED_VLLM
+    if not low <= _release(version) < high:
+        span = f">={'.'.join(map(str, low))},<{'.'.join(map(str, high))}"
+        raise RuntimeError(f"divprune_ext's vLLM plugin supports vLLM {span}; installed: vLLM {version}. "
+                           "Install a supported vLLM, or turn the plugin off with VLLM_PLUGINS set to a list "
+                           "without 'divprune' (VLLM_PLUGINS=\"\" loads no plugin).")
+
+
+def register() -> None:
+    """The ``vllm.general_plugins`` entry point: check vLLM's version, register the pruning classes."""
+    import vllm
+    from vllm import ModelRegistry
+
+    check_vllm_version(vllm.__version__)
+    for architecture, cls in SUPPORTED_ARCHITECTURES.items():
+        ModelRegistry.register_model(architecture, cls)

@@ -1,0 +1,137 @@
+"""What the vLLM tests share: inputs, the transformers reference, and vLLM runs in a subprocess.
+
+A prompt is a list of parts, ``"text"`` strings and ``("image", (height, width))`` /
+``("video", (frames, height, width))`` items. :func:`hf_generate` runs it through the checkpoint
+with transformers (+ ``divprune_ext.hf.prune_inputs`` below ratio 1.0); :func:`vllm_request`
+makes the matching ``LLM.generate`` input; :func:`run_vllm` runs a script in a fresh Python
+(for the unpatched engine: ``VLLM_PLUGINS=""``). Images and videos are seeded noise with a
+smooth gradient, so that tall, wide and repeated items differ.
+"""
+import json
+import os
+import subprocess
+import sys
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MAX_NEW_TOKENS = 8
+ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=1024, seed=0)
+
+
+def pixels(shape: Sequence[int], seed: int) -> np.ndarray:
+    """uint8 (..., H, W, 3): noise over a gradient that depends on the seed."""
+    rng = np.random.default_rng(seed)
+    *lead, h, w = shape
+    ramp = np.linspace(0, 1, h)[:, None, None] * rng.uniform(0, 255, 3) + np.linspace(0, 1, w)[None, :, None] * 60
+    noise = rng.integers(0, 120, size=(*lead, h, w, 3))
+    return np.clip(ramp + noise, 0, 255).astype(np.uint8)
+
+
+def media(prompt: List[Any], seed: int = 0) -> Dict[str, list]:
+    """{"image": [PIL images], "video": [uint8 (T, H, W, 3)]} of a prompt, in order."""
+    from PIL import Image
+    out: Dict[str, list] = {"image": [], "video": []}
+    for n, part in enumerate(prompt):
+        if isinstance(part, tuple):
+            kind, shape = part
+            array = pixels(shape, seed * 100 + n)
+            out[kind].append(Image.fromarray(array) if kind == "image" else array)
+    return out
+
+
+def messages(prompt: List[Any]) -> list:
+    content = []
+    for part in prompt:
+        content.append({"type": "text", "text": part} if isinstance(part, str) else {"type": part[0]})
+    return [{"role": "user", "content": content}]
+
+
+def video_metadata(frames: np.ndarray) -> dict:
+    """The metadata vLLM's offline API takes with pre-sampled frames (2 fps)."""
+    count = len(frames)
+    return {"fps": 2.0, "duration": count / 2.0, "total_num_frames": count, "frames_indices": list(range(count)),
+            "video_backend": "opencv", "do_sample_frames": False}
+
+
+def prompt_text(path: str, prompt: List[Any]) -> str:
+    from transformers import AutoProcessor
+    processor = AutoProcessor.from_pretrained(path)
+    return processor.apply_chat_template(messages(prompt), add_generation_prompt=True, tokenize=False)
+
+
+def vllm_request(path: str, prompt: List[Any], ratio: Optional[float] = None, seed: int = 0) -> dict:
+    """The ``LLM.generate`` input for ``prompt``; ``ratio`` None sends no divprune_keep_ratio."""
+    items = media(prompt, seed)
+    data: Dict[str, Any] = {}
+    if items["image"]:
+        data["image"] = items["image"] if len(items["image"]) > 1 else items["image"][0]
+    if items["video"]:
+        data["video"] = [(v, video_metadata(v)) for v in items["video"]]
+    request = {"prompt": prompt_text(path, prompt), "multi_modal_data": data}
+    if ratio is not None:
+        request["mm_processor_kwargs"] = {"divprune_keep_ratio": ratio}
+    return request
+
+
+_MODELS: Dict[str, Any] = {}
+
+
+def hf_model(path: str):
+    import transformers
+    if path not in _MODELS:
+        with open(os.path.join(path, "config.json")) as f:
+            arch = json.load(f)["architectures"][0]
+        model = getattr(transformers, arch).from_pretrained(path, dtype=torch.float32).eval()
+        _MODELS[path] = (model, transformers.AutoProcessor.from_pretrained(path))
+    return _MODELS[path]
+
+
+def hf_inputs(path: str, prompt: List[Any], seed: int = 0) -> dict:
+    from transformers.video_utils import VideoMetadata
+    model, processor = hf_model(path)
+    items = media(prompt, seed)
+    kwargs: Dict[str, Any] = {}
+    if items["image"]:
+        kwargs["images"] = items["image"]
+    if items["video"]:
+        kwargs["videos"] = [list(v) for v in items["video"]]
+        kwargs["video_metadata"] = [VideoMetadata(**{k: v for k, v in video_metadata(v).items()
+                                                    if k in ("fps", "duration", "total_num_frames", "frames_indices")})
+                                    for v in items["video"]]
+        kwargs["do_sample_frames"] = False
+    return processor(text=[prompt_text(path, prompt)], return_tensors="pt", **kwargs)
+
+
+@torch.no_grad()
+def hf_generate(path: str, prompt: List[Any], ratio: float = 1.0, seed: int = 0,
+                max_new_tokens: int = MAX_NEW_TOKENS) -> List[int]:
+    """Greedy new tokens of transformers on ``prompt``, pruned with divprune_ext.hf below 1.0."""
+    import divprune_ext.hf
+    model, _ = hf_model(path)
+    inputs = dict(hf_inputs(path, prompt, seed))
+    settings = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False)
+    if ratio == 1.0:
+        out = model.generate(**inputs, **settings)
+        return out[0, inputs["input_ids"].shape[1]:].tolist()
+    pruned = divprune_ext.hf.prune_inputs(model, **inputs, keep_ratio=ratio)
+    out = model.generate(**pruned, **settings)
+    if "input_ids" in pruned:
+        out = out[:, pruned["input_ids"].shape[1]:]
+    return out[0].tolist()
+
+
+def run_vllm(script: str, *, plugins: bool = True, timeout: int = 600, env: Optional[dict] = None) -> Any:
+    """Run ``script`` (Python source that prints one JSON line last) in a fresh interpreter with
+    the engine settings of the tests; return that JSON. ``plugins=False``: unpatched vLLM."""
+    environment = dict(os.environ, **(env or {}))
+    if not plugins:
+        environment["VLLM_PLUGINS"] = ""
+    environment["PYTHONPATH"] = HERE + os.pathsep + environment.get("PYTHONPATH", "")
+    done = subprocess.run([sys.executable, "-P", "-c", script], env=environment, capture_output=True, text=True,
+                          timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"vLLM script failed ({done.returncode}):\n{done.stderr[-6000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])

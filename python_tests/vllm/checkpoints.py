@@ -96,7 +96,8 @@ def _qwen(kind: str) -> Tuple[torch.nn.Module, object]:
                video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
                vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
                vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"))
-    text = _text(vocab, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+    # bos: the tokenizer has none; the config's default (151643) lies outside this vocabulary
+    text = _text(vocab, pad_token_id=tok.pad_token_id, bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                  rope_parameters={"rope_type": "default", "mrope_section": [8, 4, 4], "rope_theta": 10000.0})
     vision = dict(depth=2, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
                   initializer_range=INIT)

@@ -55,3 +55,8 @@ for stage in $stages; do
   esac
 done
 exit $status
+
+# Not a stage (it needs a vLLM install with divprune_ext and a checkpoint): the vLLM serving
+# benchmark, prompt tokens / KV blocks / TTFT / requests/s at keep ratios 1.0, 0.25, 0.1, from the
+# repository root in that Python (writes bench/out/serving/; CPU results: bench/results/cpu-vllm/):
+#   python -m bench.serving --model llava-hf/llava-1.5-7b-hf

@@ -6,6 +6,11 @@
 //   2. distance_tile_kernel  the cosine-distance matrix in 64x64 tiles, and each
 //                            row's minimum distance to the other rows;
 //   3. greedy_select_kernel  the greedy max-min selection, one CTA per item.
+// select_varlen(x, lengths, k) runs the same three stages over packed segments, each
+// in one launch over all segments whatever their number, after a small launch that
+// writes the segment table (one per ~125 segments: the table travels in kernel
+// parameters, see kernels/segment_table.cuh). No host sync: the lengths are host
+// values, so the plan and the table are made on the host.
 #include "divprune.h"
 
 #include <ATen/ATen.h>
@@ -15,6 +20,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <mutex>
 #include <utility>
 
@@ -141,6 +147,51 @@ at::Tensor select_cuda(const at::Tensor& x, int64_t k) {
   return out;
 }
 
+at::Tensor select_varlen_cuda(const at::Tensor& x_in, at::IntArrayRef lengths, at::IntArrayRef k) {
+  constexpr const char* op = "divprune.select_varlen";
+  const Segments seg = check_segments(x_in, lengths, k, op);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto x = x_in.contiguous();
+  const int64_t total_rows = x.size(0), dim = x.size(1);
+  const kernels::LaunchPlan plan = kernels::make_varlen_launch_plan(seg.rows, dim, kernel_dtype(x.scalar_type(), op),
+                                                                    device_limits(x.get_device()));
+  TORCH_CHECK_VALUE(plan.greedy_width != 0, op, ": the CUDA kernel selects from at most ",
+                    kernels::kMaxGreedyThreads * kernels::kMaxCandidatesPerThread,
+                    " tokens per segment, got a segment of ", seg.max_rows);
+  TORCH_CHECK_VALUE(plan.tiles <= std::numeric_limits<int32_t>::max(), op, ": ", plan.tiles,
+                    " distance tiles are more than one launch holds; split the batch");
+  TORCH_CHECK_VALUE(int64_t(seg.rows.size()) <= std::numeric_limits<int32_t>::max(), op, ": too many segments (",
+                    seg.rows.size(), ")");
+  const std::vector<int64_t> values = kernels::segment_table_values(seg.rows, seg.picks);
+  const int64_t segments = int64_t(seg.rows.size());
+  const int64_t total_dist = values[3 * (segments + 1) - 1];
+
+  const auto float_options = x.options().dtype(at::kFloat);
+  auto out = at::empty({seg.total_picks}, x.options().dtype(at::kLong));
+  const auto table = at::empty({int64_t(values.size())}, x.options().dtype(at::kLong));
+  const auto dist = allocate({total_dist}, float_options, "float32 distance workspace (sum of lengths[i]^2)");
+  const auto inv_norm = at::empty({total_rows}, float_options);
+  const auto row_min_bits = at::empty({total_rows}, x.options().dtype(at::kInt));
+  at::Tensor partials, counters;
+  if (plan.splits > 1) {
+    partials = allocate({kernels::split_workspace_floats(plan)}, float_options, "split-D workspace");
+    counters = at::empty({plan.tile_slots}, x.options().dtype(at::kInt));
+  }
+  const kernels::DistanceBuffers buffers{
+      x.data_ptr(),
+      inv_norm.data_ptr<float>(),
+      dist.data_ptr<float>(),
+      reinterpret_cast<uint32_t*>(row_min_bits.data_ptr<int32_t>()),
+      plan.splits > 1 ? partials.data_ptr<float>() : nullptr,
+      plan.splits > 1 ? counters.data_ptr<int>() : nullptr};
+  CudaLaunch launch{c10::cuda::getCurrentCUDAStream()};
+  kernels::launch_segment_table(launch, values, table.data_ptr<int64_t>());
+  kernels::launch_varlen(launch, plan, kernel_dtype(x.scalar_type(), op), total_rows, dim,
+                         kernels::segment_table_view(table.data_ptr<int64_t>(), segments), buffers,
+                         out.data_ptr<int64_t>());
+  return out;
+}
+
 at::Tensor pairwise_distance_cuda(const at::Tensor& x) {
   constexpr const char* op = "divprune.pairwise_distance";
   const auto shape = check_input(x, op);
@@ -154,6 +205,7 @@ at::Tensor pairwise_distance_cuda(const at::Tensor& x) {
 TORCH_LIBRARY_IMPL(divprune, CUDA, m) {
   m.impl("select", &select_cuda);
   m.impl("pairwise_distance", &pairwise_distance_cuda);
+  m.impl("select_varlen", &select_varlen_cuda);
 }
 
 }  // namespace divprune

@@ -195,6 +195,52 @@ def run_kernels(runner: str, x: torch.Tensor, k: int = 0, *, sms: int = DEFAULT_
     return run
 
 
+@dataclasses.dataclass
+class VarlenRun:
+    plan: dict
+    dist: list            # per segment (n_i, n_i) float32, from the packed workspace
+    row_min: torch.Tensor  # (N,) float32, decoded from the kernels' keys
+    picks: torch.Tensor    # (sum k_i,) int64: rows of x, each segment's in selection order
+
+
+def _varlen_args(lengths, ks, dim, dtype, sms, ptx_version, max_threads, max_grid_z):
+    return ["--dtype", DTYPE_NAMES[dtype], "--lengths", ",".join(map(str, lengths)), "--ks", ",".join(map(str, ks)),
+            "--dim", str(dim), "--sms", str(sms), "--ptx-version", str(ptx_version), "--max-threads", str(max_threads),
+            "--max-grid-z", str(max_grid_z)]
+
+
+def plan_varlen(runner: str, lengths, ks, dim: int, dtype=torch.float32, *, sms: int = DEFAULT_SMS,
+                ptx_version: int = DEFAULT_PTX, max_threads: int = 1024, max_grid_z: int = MAX_GRID_Z) -> dict:
+    """select_varlen's launch plan and launches, without running anything."""
+    args = _varlen_args(lengths, ks, dim, dtype, sms, ptx_version, max_threads, max_grid_z) + ["--plan-only"]
+    return json.loads(_run(runner, args, "kernel_runner --lengths --plan-only").stdout)
+
+
+def run_varlen_kernels(runner: str, x: torch.Tensor, lengths, ks, *, sms: int = DEFAULT_SMS,
+                       ptx_version: int = DEFAULT_PTX, max_threads: int = 1024, max_grid_z: int = MAX_GRID_Z,
+                       seed: int = 0, offset: int = 0) -> VarlenRun:
+    """Runs the CUDA select_varlen's kernels on packed x (N, D) with segments of
+    `lengths` rows and `ks` picks; the options are those of :func:`run_kernels`."""
+    n, dim = x.shape
+    raw = x.contiguous().cpu()
+    raw = raw if x.dtype == torch.float32 else raw.view(torch.int16)
+    with tempfile.TemporaryDirectory(prefix="simt-") as tmp:
+        raw.numpy().tofile(os.path.join(tmp, "x"))
+        out = os.path.join(tmp, "out")
+        args = _varlen_args(lengths, ks, dim, x.dtype, sms, ptx_version, max_threads, max_grid_z)
+        args += ["--seed", str(seed), "--offset", str(offset), "--input", os.path.join(tmp, "x"), "--out", out]
+        result = _run(runner, args, f"kernel_runner {' '.join(args[:12])}")
+
+        def read(suffix, dtype, count):
+            return torch.from_file(out + suffix, size=count, dtype=dtype).clone()
+
+        packed = read(".dist", torch.float32, sum(m * m for m in lengths))
+        dist = [block.view(m, m) for block, m in zip(packed.split([m * m for m in lengths]), lengths)]
+        return VarlenRun(plan=json.loads(result.stdout), dist=dist,
+                         row_min=decode_min_keys(read(".rowmin", torch.int32, n)),
+                         picks=read(".picks", torch.int64, sum(ks)))
+
+
 def self_test(runner: str, name: str) -> subprocess.CompletedProcess:
     """Runs one of the runner's deliberately broken kernels (csrc/simt/self_test.cpp)."""
     return subprocess.run([runner, "--self-test", name], capture_output=True, text=True,

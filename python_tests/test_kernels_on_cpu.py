@@ -1,7 +1,8 @@
 """The CUDA kernels, run on the CPU by the host SIMT runtime (csrc/simt/), held to the
 reference: every dtype and core, split-D and unsplit, every greedy width, edge tiles,
 misaligned inputs, adversarial inputs, shuffled interleavings, NaN handling, the launch
-plan, and the runtime's own bug detectors. No GPU needed; see python_tests/simt_kernels.py.
+plan, select_varlen's kernels (held to select's, segment by segment), and the runtime's
+own bug detectors. No GPU needed; see python_tests/simt_kernels.py.
 """
 import re
 import subprocess
@@ -11,7 +12,7 @@ import torch
 
 import simt_kernels
 from helpers import INPUT_KINDS, assert_device_selection, make_input, nan_inputs
-from simt_kernels import KernelError, plan, run_kernels
+from simt_kernels import KernelError, plan, plan_varlen, run_kernels, run_varlen_kernels
 
 # (dtype, core, the PTX version that makes the plan choose that core)
 CORES = [
@@ -187,6 +188,158 @@ def test_plan_greedy_limits(runner):
     assert plan(runner, 1, 65_537, 1)["greedy_width"] == 0
     with pytest.raises(KernelError, match="beyond the greedy kernel"):
         plan(runner, 1, 65_537, 1, k=1)
+
+
+# ----- select_varlen's kernels ---------------------------------------------------
+# Held, bit for bit, to select's kernels on each segment: distances, row minima and
+# picks (plus the segment's start row); check_run holds those to the reference.
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.view(torch.int32), b.view(torch.int32))  # NaN included
+
+
+def check_varlen_run(runner, x, lengths, ks, run, **device) -> None:
+    """The segments of one length run through select's kernels as one batch (they are
+    batch-invariant, and a run's first k picks do not depend on k), so many segments
+    cost a few runs. `device`: the options of run_kernels the varlen run had."""
+    starts = [0]
+    for n in lengths[:-1]:
+        starts.append(starts[-1] + n)
+    by_length = {}
+    for i, n in enumerate(lengths):
+        by_length.setdefault(n, []).append(i)
+    expected = [None] * len(lengths)
+    for n, members in by_length.items():
+        batch = torch.stack([x[starts[i]:starts[i] + n] for i in members])
+        k = max(ks[i] for i in members)
+        alone = run_kernels(runner, batch, k, **device)
+        if torch.isfinite(batch).all():  # else NaN distances: only the picks are compared
+            check_run(batch, alone, k)
+        for b, i in enumerate(members):
+            assert same_bits(run.dist[i], alone.dist[b]), f"segment {i}: distances differ from select's kernels"
+            row_min = run.row_min[starts[i]:starts[i] + n]
+            assert same_bits(row_min, alone.row_min[b]), f"segment {i}: row minima differ from select's kernels"
+            expected[i] = alone.picks[b, :ks[i]] + starts[i]
+    expected = torch.cat(expected)
+    assert torch.equal(run.picks, expected), f"picks {run.picks.tolist()}, select's kernels {expected.tolist()}"
+
+
+# One-row segments, edge tiles, 2 x 2 tiles, a 16 x 16 triangle among small ones.
+RAGGED = [1, 64, 65, 2, 130, 1, 7, 1000, 33]
+
+
+@pytest.mark.parametrize("dtype,core,ptx", CORES)
+@pytest.mark.parametrize("d,sms,splits", [(40, 132, 1), (300, 1, 1), (300, 1000, 2), (600, 1000, 3)])
+def test_varlen_matches_select_per_segment(runner, dtype, core, ptx, d, sms, splits):
+    lengths = RAGGED if d < 300 else RAGGED[:5]
+    x = make_input("clusters", sum(lengths), d, seed=d, batch=1)[0].to(dtype)
+    ks = [max(1, n // (i + 2)) for i, n in enumerate(lengths)]  # a different k per segment
+    run = run_varlen_kernels(runner, x, lengths, ks, sms=sms, ptx_version=ptx, seed=d)
+    assert (run.plan["core"], run.plan["splits"]) == (core, splits)
+    check_varlen_run(runner, x, lengths, ks, run, sms=sms, ptx_version=ptx)
+
+
+@pytest.mark.parametrize("kind", INPUT_KINDS)
+def test_varlen_every_input_kind(runner, kind):
+    lengths = [65, 1, 40, 70]
+    x = make_input(kind, sum(lengths), 72, seed=5, batch=1)[0]
+    ks = [65, 1, 3, 70]  # all of most segments: every tie and duplicate is ranked
+    run = run_varlen_kernels(runner, x, lengths, ks, seed=6)
+    check_varlen_run(runner, x, lengths, ks, run)
+
+
+@pytest.mark.parametrize("dtype,core,ptx", [CORES[0], CORES[1]])
+def test_varlen_no_distance_across_segments(runner, dtype, core, ptx):
+    # Neighbouring segments that hold the same rows: a distance between them would be
+    # 0 and change the row minima and the picks; each copy must select like the first.
+    seg = make_input("random", 70, 16, seed=3, batch=1)[0].to(dtype)
+    x = torch.cat([seg, seg, seg[:5], seg])
+    lengths, ks = [70, 70, 5, 70], [30, 30, 5, 30]
+    run = run_varlen_kernels(runner, x, lengths, ks, ptx_version=ptx, seed=7)
+    assert (run.row_min[:70] > 0).all() and torch.equal(run.row_min[70:140], run.row_min[:70])
+    picks = run.picks.split(ks)
+    assert torch.equal(picks[1] - 70, picks[0]) and torch.equal(picks[3] - 145, picks[0])
+    check_varlen_run(runner, x, lengths, ks, run, ptx_version=ptx)
+
+
+@pytest.mark.parametrize("max_threads,lengths,width", [(32, [20, 3, 100], 4), (32, [300, 1, 600], 32),
+                                                       (1024, [1025, 5], 2)])
+def test_varlen_greedy_width_from_the_longest_segment(runner, max_threads, lengths, width):
+    # Every segment runs with the longest one's width; select's kernels, run on each
+    # segment alone, use its own: the picks must not depend on it.
+    x = make_input("duplicates", sum(lengths), 8, seed=sum(lengths), batch=1)[0]
+    ks = [max(1, n // 2) for n in lengths]
+    run = run_varlen_kernels(runner, x, lengths, ks, max_threads=max_threads, seed=2)
+    assert run.plan["greedy_width"] == width
+    check_varlen_run(runner, x, lengths, ks, run, max_threads=max_threads)
+
+
+@pytest.mark.parametrize("dtype,core,ptx", [CORES[0], CORES[1]])
+def test_varlen_misaligned_and_shuffled(runner, dtype, core, ptx):
+    lengths, ks = [3, 70, 65], [2, 20, 65]
+    x = make_input("random", sum(lengths), 100, seed=8, batch=1)[0].to(dtype)
+    aligned = run_varlen_kernels(runner, x, lengths, ks, ptx_version=ptx)
+    for seed, offset in [(1, 3), (2, 0), (3, 5)]:
+        run = run_varlen_kernels(runner, x, lengths, ks, ptx_version=ptx, seed=seed, offset=offset)
+        assert torch.equal(run.picks, aligned.picks)
+        assert all(torch.equal(a, b) for a, b in zip(run.dist, aligned.dist))
+    check_varlen_run(runner, x, lengths, ks, aligned, ptx_version=ptx)
+
+
+def test_varlen_many_segments(runner):
+    # 300 segments: the table takes three launches (kTableChunkValues), each stage of
+    # the computation still one.
+    lengths = [1 + (7 * i) % 13 for i in range(300)]
+    ks = [1 + i % n for i, n in enumerate(lengths)]
+    x = make_input("random", sum(lengths), 12, seed=9, batch=1)[0]
+    run = run_varlen_kernels(runner, x, lengths, ks, seed=4)
+    assert [launch["kernel"] for launch in run.plan["launches"]].count("segment_table_kernel") == 3
+    check_varlen_run(runner, x, lengths, ks, run)
+
+
+def test_varlen_nan_ranks_like_the_cpu_op(runner):
+    _, ties = nan_inputs()  # NaN and Inf rows among exact ties: the same picks on every device
+    x = torch.cat([ties, ties[3:20], ties])
+    lengths = [40, 17, 40]
+    run = run_varlen_kernels(runner, x, lengths, lengths, seed=5)
+    check_varlen_run(runner, x, lengths, lengths, run)
+    assert torch.equal(run.picks, torch.ops.divprune.select_varlen(x, lengths, lengths))
+
+
+def test_varlen_plan_launches_and_workspace(runner):
+    # The same compute launches whatever the number of segments; the tile launch covers
+    # only each segment's own upper-triangular tiles (the sum n_i^2 workspace); one
+    # greedy CTA per segment, sized for the longest.
+    def kernels(p):
+        return [(launch["kernel"], launch["grid"]) for launch in p["launches"]]
+
+    for segments in (1, 10, 124):
+        got = kernels(plan_varlen(runner, [65] * segments, [1] * segments, 64))
+        assert [name for name, _ in got] == ["segment_table_kernel", "row_norms_kernel",
+                                             "varlen_distance_tile_kernel", "varlen_greedy_select_kernel"]
+        assert got[2][1] == [3 * segments, 1, 1] and got[3][1] == [segments, 1, 1]
+    lengths = [1000, 64, 1] + [5] * 300
+    p = plan_varlen(runner, lengths, [1] * len(lengths), 64)
+    got = kernels(p)
+    assert [name for name, _ in got].count("segment_table_kernel") == -(-4 * (len(lengths) + 1) // 500)
+    assert got[-2] == ("varlen_distance_tile_kernel", [16 * 17 // 2 + 1 + 1 + 300, 1, 1])
+    assert got[-1] == ("varlen_greedy_select_kernel", [len(lengths), 1, 1]) and p["greedy_threads"] == 1024
+    # Split-D from the launch's total tile count: 3 small segments on 1000 SMs.
+    p = plan_varlen(runner, [65, 64, 2], [1, 1, 1], 600, sms=1000)
+    assert p["splits"] == 3 and kernels(p)[-2] == ("varlen_distance_tile_kernel", [5, 1, 3])
+    assert plan_varlen(runner, [65_536, 3], [1, 1], 1)["greedy_width"] == 64
+    with pytest.raises(KernelError, match="beyond the greedy kernel"):
+        plan_varlen(runner, [3, 65_537], [1, 1], 1)
+
+
+def test_varlen_checker_catches_a_wrong_run(runner):
+    lengths, ks = [30, 20], [5, 6]
+    x = make_input("random", 50, 16, seed=1, batch=1)[0]
+    run = run_varlen_kernels(runner, x, lengths, ks)
+    run.picks[5:] = run.picks[5:].flip(0)
+    with pytest.raises(AssertionError):
+        check_varlen_run(runner, x, lengths, ks, run)
 
 
 @pytest.mark.parametrize("name,report", [

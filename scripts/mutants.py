@@ -43,6 +43,9 @@ class Mutant:
     before: str  # must occur exactly once; only one of its lines changes
     after: str
     breaks: str  # what the change does to the kernel
+    # A pytest -k expression: the tests aimed at this code, run first so that a catch
+    # there skips the rest of the file; if they all pass, the whole file runs.
+    first: str = ""
 
 
 MUTANTS = [
@@ -77,7 +80,7 @@ MUTANTS = [
     Mutant("misaligned-vector-load", "distance_tiles.cuh",
            "const bool aligned = job.dim % kVec == 0 && reinterpret_cast<uintptr_t>(xb) % 16 == 0;",
            "const bool aligned = job.dim % kVec == 0;",
-           "tensor cores: 16-byte loads from a misaligned input"),
+           "tensor cores: 16-byte loads from a misaligned input", first="misaligned"),
     Mutant("split-last-arrival", "distance_tiles.cuh",
            "  if (!is_last) return false;\n", "",
            "split-D: every split thinks it arrived last"),
@@ -86,7 +89,7 @@ MUTANTS = [
            "  __threadfence();  // this split's partial is visible to the last one before it counts\n",
            "split-D: a CTA counts itself done before all its threads stored their partials"),
     Mutant("launch-batch-offset", "distance_tiles.cuh",
-           "job.batch = batch0 + blockIdx.z / splits;", "job.batch = blockIdx.z / splits;",
+           "const int64_t item = batch0 + blockIdx.z / splits;", "const int64_t item = blockIdx.z / splits;",
            "tile launches after the first recompute the first items"),
     Mutant("split-sum-order", "distance_tiles.cuh",
            "for (int s = 0; s < splits; ++s) sum +=", "for (int s = 1; s < splits; ++s) sum +=",
@@ -100,8 +103,8 @@ MUTANTS = [
            "return (k0 + stage) % kChunkFeatures == 0;",
            "the last, partial chunk is never added to the total"),
     Mutant("epilogue-barrier", "distance_tiles.cuh",
-           "  uint32_t* row_min = row_min_bits + job.batch * M;\n\n  __syncthreads();\n",
-           "  uint32_t* row_min = row_min_bits + job.batch * M;\n\n",
+           "  uint32_t* row_min = row_min_bits + job.row_base;\n\n  __syncthreads();\n",
+           "  uint32_t* row_min = row_min_bits + job.row_base;\n\n",
            "epilogue: converts the staging tile before every thread stored into it"),
     Mutant("row-min-diagonal", "distance_tiles.cuh",
            "if (c != r || !diagonal) m = min(m, min_key(v));", "m = min(m, min_key(v));",
@@ -122,10 +125,30 @@ MUTANTS = [
     Mutant("greedy-nan-minimum", "greedy_select.cuh",
            "const float m = d < min_distance[n] ? d : min_distance[n];",
            "const float m = !(d >= min_distance[n]) ? d : min_distance[n];",
-           "greedy: a NaN distance enters the running minimum (the CPU op skips it)"),
+           "greedy: a NaN distance enters the running minimum (the CPU op skips it)", first="nan"),
     Mutant("nan-row-minimum", "common.cuh",
            "return isnan(f) ? 0u : ordered_bits(f);", "return ordered_bits(f);",
-           "NaN distances no longer make a row's minimum NaN"),
+           "NaN distances no longer make a row's minimum NaN", first="nan"),
+    Mutant("varlen-segment-start", "distance_tiles.cuh",
+           "job.row_base = table.row_start[segment];", "job.row_base = table.row_start[segment] + 1;",
+           "varlen: a segment's tiles read its rows from one past its start", first="varlen"),
+    Mutant("varlen-pick-offset", "greedy_select.cuh",
+           "rows, k, first_row,", "rows, k, first_row + 1,",
+           "varlen: a segment's picks are numbered from one past its start row", first="varlen"),
+    Mutant("varlen-segment-leak", "distance_tiles.cuh",
+           "job.rows = table.row_start[segment + 1] - table.row_start[segment];",
+           "job.rows = table.row_start[segment + 1] - table.row_start[segment] + 1;",
+           "varlen: a segment's distances take in the next segment's first row", first="varlen"),
+    Mutant("varlen-segment-k", "greedy_select.cuh",
+           "const int k = int(table.pick_start[segment + 1] - table.pick_start[segment]);",
+           "const int k = int(table.pick_start[1] - table.pick_start[0]);",
+           "varlen: every segment selects segment 0's k", first="varlen"),
+    Mutant("varlen-tile-owner", "distance_tiles.cuh",
+           "if (table.tile_start[mid] <= tile) lo = mid;", "if (table.tile_start[mid] < tile) lo = mid;",
+           "varlen: a segment's first tile is computed as its predecessor's", first="varlen"),
+    Mutant("varlen-table-chunk", "segment_table.cuh",
+           "table[chunk.first + i] = chunk.values[i];", "table[i] = chunk.values[i];",
+           "varlen: table launches after the first overwrite the first one's values", first="varlen"),
 ]
 
 
@@ -149,8 +172,11 @@ def run(mutant: Mutant):
     with tempfile.TemporaryDirectory(prefix=f"mutant-{mutant.name}-") as tmp:
         mutate(mutant, tmp)
         env = dict(os.environ, DIVPRUNE_SIMT_KERNELS=tmp, DIVPRUNE_REQUIRE_SIMT="1")
-        result = subprocess.run([sys.executable, "-m", "pytest", TESTS, "-x", "-q", "-p", "no:cacheprovider"],
-                                cwd=ROOT, env=env, capture_output=True, text=True)
+        for selection in ([["-k", mutant.first]] if mutant.first else []) + [[]]:
+            result = subprocess.run([sys.executable, "-m", "pytest", TESTS, "-x", "-q", "-p", "no:cacheprovider",
+                                     *selection], cwd=ROOT, env=env, capture_output=True, text=True)
+            if result.returncode != 0:
+                break
     failed = re.search(r"^FAILED \S+::(\S+)", result.stdout, re.M)
     if result.returncode == 0:
         return False, "survived: every kernel test passed", time.time() - start

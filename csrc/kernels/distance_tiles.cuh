@@ -1,5 +1,6 @@
 // Kernel 2: cosine distances, one CTA per upper-triangular 64x64 tile of the
-// Gram matrix of one batch item.
+// Gram matrix of one batch item (select) or of one segment (select_varlen: only
+// the diagonal blocks of the packed rows, never a tile across two segments).
 //
 //   core      the dot products of the tile: FmaCore (256 threads, 4x4 outputs each)
 //             or TensorCoreCore (4 warps, a 32x32 quarter each as 2x2 WMMA fragments);
@@ -19,10 +20,13 @@ namespace kernels {
 
 constexpr int kStagingStride = kTile + 4;  // floats; WMMA stores need a multiple of 4
 
-// Where a CTA works: rows [row0, row0+64) x columns [col0, col0+64) of item
-// `batch`, over features [k_begin, k_end) (whole chunks, the last one cut at D).
+// Where a CTA works: rows [row0, row0+64) x columns [col0, col0+64) of one item's
+// `rows` x `rows` matrix, over features [k_begin, k_end) (whole chunks, the last one
+// cut at D). The item's rows start at row `row_base` of x, inv_norm and the row
+// minima; its matrix at float `dist_base` of the distances; `tile_id` is its slot in
+// the split-D counters and workspace.
 struct TileJob {
-  int64_t batch;
+  int64_t row_base, dist_base, tile_id;
   int64_t row0, col0;
   int64_t k_begin, k_end;
   int64_t rows, dim;
@@ -276,9 +280,9 @@ __device__ void write_distances(float* staging, const TileJob& job, const float*
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const bool diagonal = job.row0 == job.col0;
   const int64_t M = job.rows;
-  const float* inv = inv_norm + job.batch * M;
-  float* out = dist + job.batch * M * M;
-  uint32_t* row_min = row_min_bits + job.batch * M;
+  const float* inv = inv_norm + job.row_base;
+  float* out = dist + job.dist_base;
+  uint32_t* row_min = row_min_bits + job.row_base;
 
   __syncthreads();
   for (int e = threadIdx.x; e < kTile * kTile; e += kThreads) {
@@ -323,8 +327,34 @@ __device__ void write_distances(float* staging, const TileJob& job, const float*
   }
 }
 
-// Grid: x = column tile, y = row tile (lower-triangle CTAs exit at once),
-// z = batch item * splits + split.
+// One CTA's tile: the products (one chunk of features with split-D, else all), the
+// split-D reduction, then the distances and row minima.
+template <typename scalar_t, typename Core>
+__device__ void compute_tile(const scalar_t* __restrict__ x, const TileJob& job, int splits, int split,
+                             const float* __restrict__ inv_norm, float* __restrict__ dist,
+                             uint32_t* __restrict__ row_min_bits, float* __restrict__ partials,
+                             int* __restrict__ split_counters) {
+  TileShared<Core>& smem = shared_storage<TileShared<Core>>();
+  Core::compute(x + job.row_base * job.dim, job, smem.operands, smem.staging);
+  if (splits > 1) {
+    if (!reduce_splits<Core::kThreads>(smem.staging, smem.is_last_split,
+                                       partials + job.tile_id * splits * kTile * kTile, split_counters + job.tile_id,
+                                       splits, split)) {
+      return;
+    }
+  }
+  write_distances<Core::kThreads>(smem.staging, job, inv_norm, dist, row_min_bits);
+}
+
+// The features [k_begin, k_end) of a CTA: every chunk, or (split-D) chunk `split`.
+__device__ __forceinline__ void set_features(TileJob& job, int64_t dim, int splits, int split) {
+  job.k_begin = splits == 1 ? 0 : split * kChunkFeatures;
+  job.k_end = splits == 1 ? dim : min(dim, job.k_begin + kChunkFeatures);
+  job.dim = dim;
+}
+
+// select: a (B, M, D) batch. Grid: x = column tile, y = row tile (lower-triangle
+// CTAs exit at once), z = batch item * splits + split.
 template <typename scalar_t, typename Core>
 __global__ void __launch_bounds__(Core::kThreads)
     distance_tile_kernel(const scalar_t* __restrict__ x, int64_t rows, int64_t dim, int64_t batch0,
@@ -334,27 +364,62 @@ __global__ void __launch_bounds__(Core::kThreads)
   const int64_t tile_row = blockIdx.y, tile_col = blockIdx.x;
   if (tile_row > tile_col) return;
   const int split = blockIdx.z % splits;
+  const int64_t item = batch0 + blockIdx.z / splits;
+  const int64_t tiles_per_side = gridDim.x;
   TileJob job;
-  job.batch = batch0 + blockIdx.z / splits;
+  job.row_base = item * rows;
+  job.dist_base = item * rows * rows;
+  job.tile_id = (item * tiles_per_side + tile_row) * tiles_per_side + tile_col;
   job.row0 = tile_row * kTile;
   job.col0 = tile_col * kTile;
-  // One CTA folds every chunk, or (split-D) one chunk per CTA.
-  job.k_begin = splits == 1 ? 0 : split * kChunkFeatures;
-  job.k_end = splits == 1 ? dim : min(dim, job.k_begin + kChunkFeatures);
   job.rows = rows;
-  job.dim = dim;
+  set_features(job, dim, splits, split);
+  compute_tile<scalar_t, Core>(x, job, splits, split, inv_norm, dist, row_min_bits, partials, split_counters);
+}
 
-  TileShared<Core>& smem = shared_storage<TileShared<Core>>();
-  Core::compute(x + job.batch * rows * dim, job, smem.operands, smem.staging);
-  if (splits > 1) {
-    const int64_t tiles_per_side = gridDim.x;
-    const int64_t tile_id = (job.batch * tiles_per_side + tile_row) * tiles_per_side + tile_col;
-    if (!reduce_splits<Core::kThreads>(smem.staging, smem.is_last_split, partials + tile_id * splits * kTile * kTile,
-                                       split_counters + tile_id, splits, split)) {
-      return;
-    }
+// The segment that owns tile `tile` of the varlen launch: the last s with
+// tile_start[s] <= tile (every segment owns at least one tile). A binary search in
+// the table: log2(B) cached reads, the same for every thread of the CTA.
+__device__ __forceinline__ int64_t segment_of_tile(const SegmentTable& table, int64_t tile) {
+  int64_t lo = 0, hi = table.segments - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (table.tile_start[mid] <= tile) lo = mid;
+    else hi = mid - 1;
   }
-  write_distances<Core::kThreads>(smem.staging, job, inv_norm, dist, row_min_bits);
+  return lo;
+}
+
+// select_varlen: packed segments. Grid: x = one tile of the list of every segment's
+// upper-triangular tiles (segment after segment, row-major within a segment), z =
+// split. A CTA works inside one segment's diagonal block: its rows, its n x n matrix
+// in the packed workspace, edge tiles cut at n, so no distance spans two segments.
+template <typename scalar_t, typename Core>
+__global__ void __launch_bounds__(Core::kThreads)
+    varlen_distance_tile_kernel(const scalar_t* __restrict__ x, int64_t dim, SegmentTable table, int splits,
+                                const float* __restrict__ inv_norm, float* __restrict__ dist,
+                                uint32_t* __restrict__ row_min_bits, float* __restrict__ partials,
+                                int* __restrict__ split_counters) {
+  const int64_t tile = blockIdx.x;
+  const int64_t segment = segment_of_tile(table, tile);
+  TileJob job;
+  job.row_base = table.row_start[segment];
+  job.rows = table.row_start[segment + 1] - table.row_start[segment];
+  job.dist_base = table.dist_start[segment];
+  job.tile_id = tile;  // split-D slots: one per tile of the launch
+  // Tile row r of a segment's upper triangle holds tiles (r, r), ..., (r, side - 1);
+  // at most side = n / 64 <= 1024 steps, against the tile's 64 x 64 x D products.
+  const int64_t side = (job.rows + kTile - 1) / kTile;
+  int64_t tile_row = 0, rest = tile - table.tile_start[segment];
+  while (rest >= side - tile_row) {
+    rest -= side - tile_row;
+    ++tile_row;
+  }
+  job.row0 = tile_row * kTile;
+  job.col0 = (tile_row + rest) * kTile;
+  set_features(job, dim, splits, int(blockIdx.z));
+  compute_tile<scalar_t, Core>(x, job, splits, int(blockIdx.z), inv_norm, dist, row_min_bits, partials,
+                               split_counters);
 }
 
 }  // namespace kernels

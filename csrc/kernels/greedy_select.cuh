@@ -1,4 +1,5 @@
-// Kernel 3: the greedy max-min selection, one CTA per batch item.
+// Kernel 3: the greedy max-min selection, one CTA per batch item (select) or per
+// segment (select_varlen: all segments at once, the block sized for the largest).
 //
 // Thread t owns candidates t, t + blockDim, ... (kItems of them, coalesced row
 // reads); their running minimum distances to the picked set live in registers.
@@ -46,17 +47,14 @@ __device__ __forceinline__ uint64_t block_max(uint64_t key, uint64_t (*slots)[32
   return key;
 }
 
+// One CTA selects k of an item's `rows` candidates: `item_dist` is its rows x rows
+// matrix, `item_row_min` its row minima; pick p is written as index_base + p.
 // Valid keys are never 0, so 0 marks "nothing to offer". Indices fit in int32
 // (M <= 1024 * kMaxCandidatesPerThread), which keeps the per-item state in registers.
 template <int kItems>
-__global__ void __launch_bounds__(kMaxGreedyThreads)
-    greedy_select_kernel(const float* __restrict__ dist, const uint32_t* __restrict__ row_min_bits,
-                         int rows, int k, int64_t* __restrict__ out) {
+__device__ void select_greedy(const float* __restrict__ item_dist, const uint32_t* __restrict__ item_row_min,
+                              int rows, int k, int64_t index_base, int64_t* __restrict__ item_out) {
   uint64_t(*slots)[32] = shared_storage<GreedyShared>().slots;
-  const int64_t batch = blockIdx.x;
-  const float* item_dist = dist + batch * rows * rows;
-  int64_t* item_out = out + batch * k;
-
   float min_distance[kItems];
   uint64_t picked = 0;  // bit n: candidate threadIdx.x + n * blockDim.x is taken
 
@@ -66,12 +64,12 @@ __global__ void __launch_bounds__(kMaxGreedyThreads)
   for (int n = 0; n < kItems; ++n) {
     const int i = threadIdx.x + n * blockDim.x;
     min_distance[n] = INFINITY;
-    if (i < rows) key = max_key(key, candidate_key(from_ordered_bits(row_min_bits[batch * rows + i]), i));
+    if (i < rows) key = max_key(key, candidate_key(from_ordered_bits(item_row_min[i]), i));
   }
   int pick = key_index(block_max(key, slots, 0));
 
   for (int step = 0;; ++step) {
-    if (threadIdx.x == 0) item_out[step] = pick;
+    if (threadIdx.x == 0) item_out[step] = index_base + pick;
     if (step + 1 == k) break;
     const float* pick_row = item_dist + int64_t(pick) * rows;
     key = 0;
@@ -88,6 +86,29 @@ __global__ void __launch_bounds__(kMaxGreedyThreads)
     }
     pick = key_index(block_max(key, slots, (step + 1) & 1));
   }
+}
+
+// select: grid x = batch item; picks are the item's local indices.
+template <int kItems>
+__global__ void __launch_bounds__(kMaxGreedyThreads)
+    greedy_select_kernel(const float* __restrict__ dist, const uint32_t* __restrict__ row_min_bits,
+                         int rows, int k, int64_t* __restrict__ out) {
+  const int64_t item = blockIdx.x;
+  select_greedy<kItems>(dist + item * rows * rows, row_min_bits + item * rows, rows, k, 0, out + item * k);
+}
+
+// select_varlen: grid x = segment; picks are rows of the packed x (local pick plus
+// the segment's first row), written at the segment's place in the output.
+template <int kItems>
+__global__ void __launch_bounds__(kMaxGreedyThreads)
+    varlen_greedy_select_kernel(const float* __restrict__ dist, const uint32_t* __restrict__ row_min_bits,
+                                SegmentTable table, int64_t* __restrict__ out) {
+  const int64_t segment = blockIdx.x;
+  const int64_t first_row = table.row_start[segment];
+  const int rows = int(table.row_start[segment + 1] - first_row);
+  const int k = int(table.pick_start[segment + 1] - table.pick_start[segment]);
+  select_greedy<kItems>(dist + table.dist_start[segment], row_min_bits + first_row, rows, k, first_row,
+                        out + table.pick_start[segment]);
 }
 
 }  // namespace kernels

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 namespace divprune {
 namespace kernels {
@@ -62,25 +63,90 @@ inline int greedy_width_for(int64_t rows, int64_t threads) {
   return width <= kMaxCandidatesPerThread ? width : 0;
 }
 
-inline LaunchPlan make_launch_plan(int64_t batch, int64_t rows, int64_t dim, DType dtype,
-                                   const DeviceLimits& device) {
-  LaunchPlan plan;
-  plan.norm_blocks = std::max<int64_t>((batch * rows * 32 + kNormThreads - 1) / kNormThreads, 1);
+inline int64_t tiles_per_side(int64_t rows) { return (rows + kTile - 1) / kTile; }
+inline int64_t upper_tiles(int64_t rows) { return tiles_per_side(rows) * (tiles_per_side(rows) + 1) / 2; }
 
+// The parts of a plan shared by select and select_varlen: the core, the split-D
+// decision from the number of upper-triangular tiles, and the greedy block from the
+// largest item (`max_rows`).
+inline void plan_common(LaunchPlan& plan, int64_t total_rows, int64_t max_rows, int64_t dim, DType dtype,
+                        const DeviceLimits& device) {
+  plan.norm_blocks = std::max<int64_t>((total_rows * 32 + kNormThreads - 1) / kNormThreads, 1);
   plan.core = dtype != DType::Float32 && has_tensor_cores(device) ? TileCore::TensorCore : TileCore::Fma;
-  plan.tiles_per_side = (rows + kTile - 1) / kTile;
-  plan.tiles = batch * plan.tiles_per_side * (plan.tiles_per_side + 1) / 2;
-  plan.tile_slots = batch * plan.tiles_per_side * plan.tiles_per_side;
   plan.chunks = (dim + kChunkFeatures - 1) / kChunkFeatures;
   // Too few tiles for two per multiprocessor: give every chunk its own CTA.
   const bool split =
       plan.chunks > 1 && plan.chunks <= device.max_grid_z && plan.tiles < 2 * int64_t(device.multiprocessors);
   plan.splits = split ? int(plan.chunks) : 1;
-  plan.items_per_launch = device.max_grid_z / plan.splits;
-
-  const int64_t warps_needed = (rows + 31) / 32;
+  const int64_t warps_needed = (max_rows + 31) / 32;
   plan.greedy_threads = int(std::min<int64_t>(warps_needed * 32, device.max_greedy_threads));
-  plan.greedy_width = greedy_width_for(rows, plan.greedy_threads);
+  plan.greedy_width = greedy_width_for(max_rows, plan.greedy_threads);
+}
+
+inline LaunchPlan make_launch_plan(int64_t batch, int64_t rows, int64_t dim, DType dtype,
+                                   const DeviceLimits& device) {
+  LaunchPlan plan;
+  plan.tiles_per_side = tiles_per_side(rows);
+  plan.tiles = batch * upper_tiles(rows);
+  plan.tile_slots = batch * plan.tiles_per_side * plan.tiles_per_side;
+  plan_common(plan, batch * rows, rows, dim, dtype, device);
+  plan.items_per_launch = device.max_grid_z / plan.splits;
+  return plan;
+}
+
+// select_varlen's segments as the kernels see them: four prefix sums of B + 1 entries
+// each, one array on the device. Segment s has rows [row_start[s], row_start[s+1]) of
+// x, writes its picks to [pick_start[s], pick_start[s+1]) of the output, its n x n
+// distances at dist_start[s] of the packed workspace (only diagonal blocks: sum n^2
+// floats), and owns the upper-triangular tiles [tile_start[s], tile_start[s+1]) of
+// the one tile launch.
+struct SegmentTable {
+  const int64_t* row_start;
+  const int64_t* pick_start;
+  const int64_t* dist_start;
+  const int64_t* tile_start;
+  int64_t segments;
+};
+
+// The table's contents, built on the host from the lengths and k (both known there:
+// no device sync). The caller checked that they are valid.
+inline std::vector<int64_t> segment_table_values(const std::vector<int64_t>& rows,
+                                                 const std::vector<int64_t>& picks) {
+  const size_t b = rows.size();
+  std::vector<int64_t> values(4 * (b + 1), 0);
+  int64_t* row_start = values.data();
+  int64_t* pick_start = row_start + b + 1;
+  int64_t* dist_start = pick_start + b + 1;
+  int64_t* tile_start = dist_start + b + 1;
+  for (size_t s = 0; s < b; ++s) {
+    row_start[s + 1] = row_start[s] + rows[s];
+    pick_start[s + 1] = pick_start[s] + picks[s];
+    dist_start[s + 1] = dist_start[s] + rows[s] * rows[s];
+    tile_start[s + 1] = tile_start[s] + upper_tiles(rows[s]);
+  }
+  return values;
+}
+
+inline SegmentTable segment_table_view(const int64_t* values, int64_t segments) {
+  return {values, values + (segments + 1), values + 2 * (segments + 1), values + 3 * (segments + 1), segments};
+}
+
+// select_varlen's plan: one tile launch over every segment's upper-triangular tiles
+// (grid x), split-D decided by their total, split counters and workspace indexed by
+// the launch's tile index, and one greedy CTA per segment sized for the largest.
+inline LaunchPlan make_varlen_launch_plan(const std::vector<int64_t>& rows, int64_t dim, DType dtype,
+                                          const DeviceLimits& device) {
+  LaunchPlan plan;
+  int64_t total_rows = 0, max_rows = 0;
+  for (const int64_t n : rows) {
+    plan.tiles += upper_tiles(n);
+    total_rows += n;
+    max_rows = std::max(max_rows, n);
+  }
+  plan.tile_slots = plan.tiles;
+  plan.tiles_per_side = tiles_per_side(max_rows);
+  plan_common(plan, total_rows, max_rows, dim, dtype, device);
+  plan.items_per_launch = int64_t(rows.size());  // one launch holds them all
   return plan;
 }
 

@@ -1,7 +1,7 @@
 """divprune_ext: DivPrune visual-token pruning as compiled PyTorch operators.
 
 Importing the package loads the extension, which registers
-``torch.ops.divprune.select`` and ``torch.ops.divprune.pairwise_distance`` for
+``torch.ops.divprune.select``, ``select_varlen`` and ``pairwise_distance`` for
 CPU (and CUDA when built with it). The functions here validate arguments, turn a
 keep ratio into a token count and gather the kept tokens.
 
@@ -113,10 +113,6 @@ def select(x: torch.Tensor, k: Optional[int] = None, *, keep_ratio: Optional[flo
     return indices.sort(dim=-1).values if sorted else indices
 
 
-def _has_varlen_kernel(device_type: str) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key("divprune::select_varlen", device_type.upper())
-
-
 def _int_list(values, name: str):
     if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
         raise TypeError(f"{name} must be a list of ints, got {values!r}")
@@ -171,16 +167,7 @@ def select_varlen(x: torch.Tensor, lengths, k=None, *, keep_ratio: Optional[floa
                 raise ValueError(f"k[{i}] must be in [1, lengths[{i}]] = [1, {n}], got k[{i}] = {ki}")
     if validate:
         _check_finite(x, "x")
-    if x.device.type == "cpu" or _has_varlen_kernel(x.device.type):
-        indices = torch.ops.divprune.select_varlen(x, lengths, ks)
-    else:
-        # No varlen kernel for this device yet (CUDA: issue #17's kernels are still to come):
-        # a loop of select, which the result equals by definition; still no host sync.
-        starts = [0]
-        for n in lengths[:-1]:
-            starts.append(starts[-1] + n)
-        indices = torch.cat([torch.ops.divprune.select(x.narrow(0, s, n), ki) + s
-                             for s, n, ki in zip(starts, lengths, ks)])
+    indices = torch.ops.divprune.select_varlen(x, lengths, ks)
     if not sorted:
         return indices
     # Segment i's rows all lie below segment i + 1's, so one sort orders each segment in place.

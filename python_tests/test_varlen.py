@@ -1,5 +1,6 @@
 """select_varlen over packed segments: equal, bit for bit, to a loop of select; its
-errors; opcheck, torch.compile with dynamic lengths, no host syncs; the import messages."""
+errors; opcheck, torch.compile with dynamic lengths, no host syncs; on a GPU, CUDA graph
+capture and a launch count independent of the number of segments; the import messages."""
 import os
 import shutil
 import subprocess
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 import divprune_ext
+from conftest import DTYPES, requires_cuda
 from helpers import INPUT_KINDS, make_input
 from test_torch_integration import HostSyncCounter
 
@@ -107,6 +109,74 @@ def test_no_host_syncs_and_no_autograd(device):
         idx = divprune_ext.select_varlen(x, [20, 30], [4, 6], validate=False)
     assert counter.syncs == 0
     assert not idx.requires_grad and idx.grad_fn is None
+
+
+# Ragged CUDA batches: a long segment among short ones (every segment runs with its greedy
+# width), 300 segments (the table in three launches), few tiles over many features (split-D).
+CUDA_BATCHES = {
+    "long among short": ([4097, 1, 64, 65, 1100, 7, 576], 256),
+    "300 segments": ([1 + (7 * i) % 40 for i in range(300)], 64),
+    "split-D": ([65, 3, 64], 1000),
+}
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch", CUDA_BATCHES)
+def test_cuda_equals_a_loop_of_select(dtype, batch):
+    lengths, d = CUDA_BATCHES[batch]
+    x = packed("clusters", lengths, d, seed=3).to(device="cuda", dtype=dtype)
+    for ks in ([max(1, n // 10) for n in lengths], list(lengths)):
+        assert torch.equal(torch.ops.divprune.select_varlen(x, lengths, ks), loop_of_select(x, lengths, ks))
+
+
+@requires_cuda
+def test_cuda_graph_capture_and_replay():
+    lengths = [576, 100, 1, 2000, 33]
+    fn = lambda x: divprune_ext.select_varlen(x, lengths, keep_ratio=0.1, validate=False)  # noqa: E731
+    static_x = torch.randn(sum(lengths), 512, device="cuda", dtype=torch.float16)
+    fn(static_x)  # warm up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = fn(static_x)
+    ks = [divprune_ext.keep_count(n, 0.1) for n in lengths]
+    for seed in range(3):
+        torch.manual_seed(seed)
+        static_x.copy_(torch.randn_like(static_x))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_out, loop_of_select(static_x, lengths, ks))
+
+
+@requires_cuda
+def test_cuda_makes_no_host_sync():
+    x = torch.randn(700, 64, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising CUDA call raises
+    try:
+        divprune_ext.select_varlen(x, [600, 1, 99], [60, 1, 10], validate=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def _divprune_kernels(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and "divprune" in e.name]
+
+
+@requires_cuda
+def test_cuda_launches_do_not_grow_with_the_segments():
+    # The segment table, row norms, distance tiles, greedy: 4 launches for 2 segments as
+    # for 100 (the table takes one more launch per ~125 segments).
+    def launches(segments):
+        x = torch.randn(20 * segments, 32, device="cuda")
+        return _divprune_kernels(lambda: torch.ops.divprune.select_varlen(x, [20] * segments, [3] * segments))
+
+    few, many = launches(2), launches(100)
+    assert len(few) == len(many) == 4, (few, many)
 
 
 def _import_in(tmp, package_dir):

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Everything a GPU run must prove: build, the full test suite, compute-sanitizer
-# (memcheck + racecheck) over every kernel, the benchmark with CUDA graphs and the
-# end-to-end prefill. Results go to $OUT (default bench/out/gpu): 8 files at most, so a
-# remote runner that returns a folder of limited size brings them all back.
+# (memcheck + racecheck) over every kernel, the benchmark with CUDA graphs, the
+# ragged-batch (select_varlen) table and the end-to-end prefill. Results go to $OUT
+# (default bench/out/gpu): 8 files at most, so a remote runner that returns a folder
+# of limited size brings them all back.
 #   bash bench/gpu_check.sh                  # every stage: build test sanitize bench
 #   bash bench/gpu_check.sh build test       # some stages (each call must fit 10 minutes)
 #   SKIP_E2E=1 bash bench/gpu_check.sh bench # the benchmark without the 7B prefills
@@ -46,6 +47,8 @@ for stage in $stages; do
       e2e="--e2e"
       [ -n "${SKIP_E2E:-}" ] && e2e=""
       "$PY" -m bench --device cuda --graph $e2e --out-dir "$OUT" > "$OUT/bench.log" 2>/dev/null || status=1
+      # The ragged-batch table: select_varlen vs a loop of select vs the padded call.
+      "$PY" -m bench.varlen --device cuda >> "$OUT/bench.log" 2>/dev/null || status=1
       tee -a "$OUT/summary.txt" < "$OUT/bench.log"
       ;;
     *)

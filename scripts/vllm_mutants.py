@@ -20,7 +20,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QWEN = ["python_tests/vllm/test_positions.py", "python_tests/vllm/test_families.py", "-k",
+# The engine tests first (the first test that fails is reported), then the position unit tests.
+QWEN = ["python_tests/vllm/test_families.py", "python_tests/vllm/test_positions.py", "-k",
         "positions or offsets or (qwen2_vl and (pruned or placeholder or two_items))"]
 
 

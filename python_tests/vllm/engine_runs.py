@@ -9,8 +9,11 @@
 - ``{"kind": "error", "requests": [...]}``: the call must fail; result: ``"Type: message"``.
 - ``{"kind": "process", "requests": [...]}``: only vLLM's multimodal processor (the renderer):
   per request the items' ``hashes`` and placeholder ``lengths``.
-- ``{"kind": "embeds", "request": request}`` (LLaVA): the image given as its projected features
-  (``image_embeds``, computed with transformers from the same checkpoint) instead of pixels.
+- ``{"kind": "embeds", "request": request}``: its one image given as its features as they enter
+  the LLM (``image_embeds``, computed with transformers from the same checkpoint; Qwen-VL: with
+  its ``image_grid_thw``) instead of pixels.
+- ``{"kind": "dummy", "modality": m}``: the processor's profiling input for one item of ``m``:
+  its placeholder ``lengths`` and the family's ``max`` tokens per item.
 
 A request: ``{"prompt": [parts], "ratio": r or null, "seed": s}`` (see ``harness``).
 """
@@ -27,6 +30,23 @@ def _request(path, spec):
 def _outputs(results):
     return [{"tokens": list(o.outputs[0].token_ids), "prompt": list(o.prompt_token_ids),
              "cached": o.num_cached_tokens or 0} for o in results]
+
+
+def image_embeds(path, spec):
+    """The features transformers writes into the LLM for the request's one image."""
+    import torch
+    model, processor = harness.hf_model(path)
+    inputs = processor.image_processor(images=harness.media(spec["prompt"], spec.get("seed", 0))["image"],
+                                       return_tensors="pt")
+    with torch.no_grad():
+        if "image_grid_thw" in inputs:  # Qwen-VL
+            features = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"],
+                                                      return_dict=True).pooler_output[0]
+            return {"image_embeds": features.float(), "image_grid_thw": inputs["image_grid_thw"]}  # (n, H), (1, 3)
+        features = model.model.get_image_features(pixel_values=inputs["pixel_values"], vision_feature_layer=-1,
+                                                  vision_feature_select_strategy="default")
+    features = getattr(features, "pooler_output", features)  # one (n, H) per image, a tensor or a list
+    return features[0].unsqueeze(0).float()  # (1, n, H): one image
 
 
 def run(spec):
@@ -62,18 +82,14 @@ def run(spec):
                 out[name].append({"hashes": {m: list(h) for m, h in mm["mm_hashes"].items()},
                                   "lengths": {m: [p.length for p in ps] for m, ps in mm["mm_placeholders"].items()}})
         elif kind == "embeds":
-            import torch
-            r = job["request"]
-            request = _request(path, r)
-            model, processor = harness.hf_model(path)
-            pixels = processor.image_processor(images=harness.media(r["prompt"], r.get("seed", 0))["image"],
-                                               return_tensors="pt")["pixel_values"]
-            with torch.no_grad():
-                features = model.model.get_image_features(pixel_values=pixels, vision_feature_layer=-1,
-                                                          vision_feature_select_strategy="default")
-            features = getattr(features, "pooler_output", features)
-            request["multi_modal_data"] = {"image": torch.stack(list(features)).float()}
+            request = _request(path, job["request"])
+            request["multi_modal_data"] = {"image": image_embeds(path, job["request"])}
             out[name] = _outputs(llm.generate([request], params, use_tqdm=False))
+        elif kind == "dummy":
+            processor = llm.llm_engine.renderer.mm_processor
+            mm = processor.get_dummy_mm_inputs({job["modality"]: 1})
+            out[name] = {"lengths": [p.length for p in mm["mm_placeholders"][job["modality"]]],
+                         "max": getattr(processor.info, f"get_max_{job['modality']}_tokens")()}
         else:
             raise ValueError(f"unknown job kind {kind!r}")
     return out

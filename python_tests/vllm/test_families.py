@@ -41,6 +41,7 @@ TWO_IN_ONE_CHUNK = {"llava": [("image", (56, 56)), ("image", (50, 60)), "two"],
 CACHE_PROMPT = [("image", (56, 56)), TEXT + " " + TEXT]
 BLOCK = 32  # KV-cache block size of the test engines (vLLM's CPU default, 128, exceeds these prompts)
 BAD_RATIOS = [0, -0.5, 1.5, float("nan"), "0.5", True]
+SERVER_RATIO = 0.1  # the chunked engine's --hf-overrides default
 
 
 def family_of(kind: str) -> str:
@@ -90,16 +91,19 @@ def runs(request, workdir) -> Runs:
     for n, bad in enumerate(BAD_RATIOS):
         jobs[f"bad{n}"] = {"kind": "error", "requests": requests(prompts[:1], bad)}
     jobs["after_bad"] = {"requests": requests(prompts[:1], 0.5)}
-    engine = dict(limits, enable_prefix_caching=True)
-    if kind == "llava":
-        jobs["embeds"] = {"kind": "embeds", "request": {"prompt": prompts[0], "ratio": 0.5}}
-        engine["enable_mm_embeds"] = True
+    jobs["embeds"] = {"kind": "embeds", "request": {"prompt": prompts[0], "ratio": 0.5}}
+    engine = dict(limits, enable_prefix_caching=True, enable_mm_embeds=True)
     plugin = harness.run_engine({"path": path, "engine": engine, "jobs": jobs}, str(workdir))
 
+    # This engine also has a server-wide default (--hf-overrides): requests without a ratio take it,
+    # the profile run does not.
     chunk_jobs = {f"r{r}": {"requests": requests(prompts, r)} for r in [1.0, 0.25]}
     chunk_jobs["two_in_one_chunk"] = {"requests": requests([TWO_IN_ONE_CHUNK[family_of(kind)]], 0.25)}
+    chunk_jobs["server_default"] = {"requests": requests(prompts, None)}
+    chunk_jobs["dummy"] = {"kind": "dummy", "modality": "image"}
     chunked = harness.run_engine({"path": path, "engine": dict(limits, max_num_batched_tokens=16,
-                                                               enable_chunked_prefill=True),
+                                                               enable_chunked_prefill=True,
+                                                               hf_overrides={"divprune_keep_ratio": SERVER_RATIO}),
                                   "jobs": chunk_jobs}, str(workdir))
     plain_jobs = {"r": {"requests": requests(prompts, None)},
                   "cache": {"sequential": True, "requests": [{"prompt": CACHE_PROMPT, "seed": 7}] * 2}}
@@ -196,10 +200,20 @@ def test_bad_ratio_is_a_request_error(runs, n):
 
 
 def test_image_embeds_are_pruned_like_pixels(runs):
-    if runs.kind != "llava":
-        pytest.skip("image_embeds are exercised on LLaVA (Qwen's take the same embed_multimodal path)")
     assert tokens(runs.plugin["embeds"]) == tokens(runs.plugin["r0.5"])[:1]
     assert runs.plugin["embeds"][0]["prompt"] == runs.plugin["r0.5"][0]["prompt"]
+
+
+def test_server_wide_default(runs):
+    """Requests without a ratio take the engine's --hf-overrides default; explicit ratios override it."""
+    assert tokens(runs.chunked["server_default"]) == tokens(runs.plugin[f"r{SERVER_RATIO}"])
+    assert tokens(runs.chunked["r1.0"]) == tokens(runs.plain["r"])
+
+
+def test_profile_run_is_unpruned(runs):
+    """The memory profile measures the encoder output of an unpruned item, default ratio or not."""
+    dummy = runs.chunked["dummy"]
+    assert dummy["lengths"] == [dummy["max"]]
 
 
 def test_prompt_is_shorter(runs):

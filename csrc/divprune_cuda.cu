@@ -95,30 +95,43 @@ struct Distances {
   at::Tensor row_min_bits;  // (B, M) kernels::min_key of each row's minimum distance to the other rows
 };
 
+// The scratch tensors of the distance kernels (row norms, split-D partials and arrival
+// counters) and the pointers the kernels take; `dist` and `row_min_bits` are the caller's.
+struct DistanceWorkspace {
+  at::Tensor inv_norm, partials, counters;
+  kernels::DistanceBuffers buffers;
+};
+
+DistanceWorkspace distance_workspace(const at::Tensor& x, int64_t total_rows, const LaunchPlan& plan,
+                                     const at::Tensor& dist, const at::Tensor& row_min_bits) {
+  const auto float_options = x.options().dtype(at::kFloat);
+  DistanceWorkspace w;
+  w.inv_norm = at::empty({total_rows}, float_options);
+  if (plan.splits > 1) {
+    w.partials = allocate({kernels::split_workspace_floats(plan)}, float_options, "split-D workspace");
+    w.counters = at::empty({plan.tile_slots}, x.options().dtype(at::kInt));
+  }
+  w.buffers = kernels::DistanceBuffers{
+      x.data_ptr(),
+      w.inv_norm.data_ptr<float>(),
+      dist.data_ptr<float>(),
+      reinterpret_cast<uint32_t*>(row_min_bits.data_ptr<int32_t>()),
+      plan.splits > 1 ? w.partials.data_ptr<float>() : nullptr,
+      plan.splits > 1 ? w.counters.data_ptr<int>() : nullptr};
+  return w;
+}
+
 Distances compute_distances(const at::Tensor& x_in, const ProblemShape& shape, const LaunchPlan& plan,
                             const char* op) {
   const auto x = x_in.contiguous();
-  const auto float_options = x.options().dtype(at::kFloat);
   Distances out;
-  out.dist = allocate({shape.batch, shape.rows, shape.rows}, float_options, "float32 distance matrix");
+  out.dist = allocate({shape.batch, shape.rows, shape.rows}, x.options().dtype(at::kFloat), "float32 distance matrix");
   out.row_min_bits = at::empty({shape.batch, shape.rows}, x.options().dtype(at::kInt));
   if (shape.batch == 0) return out;
-  const auto inv_norm = at::empty({shape.batch, shape.rows}, float_options);
-  at::Tensor partials, counters;
-  if (plan.splits > 1) {
-    partials = allocate({kernels::split_workspace_floats(plan)}, float_options, "split-D workspace");
-    counters = at::empty({plan.tile_slots}, x.options().dtype(at::kInt));
-  }
-  const kernels::DistanceBuffers buffers{
-      x.data_ptr(),
-      inv_norm.data_ptr<float>(),
-      out.dist.data_ptr<float>(),
-      reinterpret_cast<uint32_t*>(out.row_min_bits.data_ptr<int32_t>()),
-      plan.splits > 1 ? partials.data_ptr<float>() : nullptr,
-      plan.splits > 1 ? counters.data_ptr<int>() : nullptr};
+  const DistanceWorkspace w = distance_workspace(x, shape.batch * shape.rows, plan, out.dist, out.row_min_bits);
   CudaLaunch launch{c10::cuda::getCurrentCUDAStream()};
   kernels::launch_distances(launch, plan, kernel_dtype(x.scalar_type(), op), shape.batch, shape.rows, shape.dim,
-                            buffers);
+                            w.buffers);
   return out;
 }
 
@@ -166,28 +179,16 @@ at::Tensor select_varlen_cuda(const at::Tensor& x_in, at::IntArrayRef lengths, a
   const int64_t segments = int64_t(seg.rows.size());
   const int64_t total_dist = values[3 * (segments + 1) - 1];
 
-  const auto float_options = x.options().dtype(at::kFloat);
   auto out = at::empty({seg.total_picks}, x.options().dtype(at::kLong));
   const auto table = at::empty({int64_t(values.size())}, x.options().dtype(at::kLong));
-  const auto dist = allocate({total_dist}, float_options, "float32 distance workspace (sum of lengths[i]^2)");
-  const auto inv_norm = at::empty({total_rows}, float_options);
+  const auto dist = allocate({total_dist}, x.options().dtype(at::kFloat),
+                             "float32 distance workspace (sum of lengths[i]^2)");
   const auto row_min_bits = at::empty({total_rows}, x.options().dtype(at::kInt));
-  at::Tensor partials, counters;
-  if (plan.splits > 1) {
-    partials = allocate({kernels::split_workspace_floats(plan)}, float_options, "split-D workspace");
-    counters = at::empty({plan.tile_slots}, x.options().dtype(at::kInt));
-  }
-  const kernels::DistanceBuffers buffers{
-      x.data_ptr(),
-      inv_norm.data_ptr<float>(),
-      dist.data_ptr<float>(),
-      reinterpret_cast<uint32_t*>(row_min_bits.data_ptr<int32_t>()),
-      plan.splits > 1 ? partials.data_ptr<float>() : nullptr,
-      plan.splits > 1 ? counters.data_ptr<int>() : nullptr};
+  const DistanceWorkspace w = distance_workspace(x, total_rows, plan, dist, row_min_bits);
   CudaLaunch launch{c10::cuda::getCurrentCUDAStream()};
   kernels::launch_segment_table(launch, values, table.data_ptr<int64_t>());
   kernels::launch_varlen(launch, plan, kernel_dtype(x.scalar_type(), op), total_rows, dim,
-                         kernels::segment_table_view(table.data_ptr<int64_t>(), segments), buffers,
+                         kernels::segment_table_view(table.data_ptr<int64_t>(), segments), w.buffers,
                          out.data_ptr<int64_t>());
   return out;
 }

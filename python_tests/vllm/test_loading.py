@@ -1,0 +1,47 @@
+"""How vLLM loads the plugin: its entry point, the architectures it registers, the version gate.
+
+Each check runs in a fresh interpreter: vLLM loads general plugins once per process."""
+import subprocess
+import sys
+
+import divprune_ext.vllm
+
+
+def run(code: str, **env) -> subprocess.CompletedProcess:
+    import os
+    return subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True,
+                          env=dict(os.environ, **env))
+
+
+def test_entry_point_is_in_the_installed_metadata():
+    from importlib.metadata import entry_points
+    found = {e.name: e.value for e in entry_points(group="vllm.general_plugins")}
+    assert found.get("divprune") == "divprune_ext.vllm:register"
+
+
+def test_vllm_loads_it_and_serves_the_architectures_with_the_plugin_classes():
+    code = ("from vllm.plugins import load_general_plugins; load_general_plugins()\n"
+            "from vllm import ModelRegistry\n"
+            "import json; print(json.dumps({a: ModelRegistry._try_load_model_cls(a).__qualname__ for a in %r}))"
+            % sorted(divprune_ext.vllm.SUPPORTED_ARCHITECTURES))
+    done = run(code)
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = __import__("json").loads(done.stdout.strip().splitlines()[-1])
+    assert loaded == {a: target.split(":")[1] for a, target in divprune_ext.vllm.SUPPORTED_ARCHITECTURES.items()}
+
+
+def test_vllm_plugins_empty_leaves_vllm_unpatched():
+    code = ("from vllm.plugins import load_general_plugins; load_general_plugins()\n"
+            "from vllm import ModelRegistry\n"
+            "print(ModelRegistry._try_load_model_cls('LlavaForConditionalGeneration').__module__)")
+    done = run(code, VLLM_PLUGINS="")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "vllm.model_executor.models.llava"
+
+
+def test_another_vllm_version_stops_loading_with_the_supported_range():
+    code = ("import vllm; vllm.__version__ = '0.33.1'\n"
+            "from vllm.plugins import load_general_plugins; load_general_plugins()")
+    done = run(code)
+    assert done.returncode != 0
+    assert "divprune_ext's vLLM plugin supports vLLM >=0.32.0,<0.33.0; installed: vLLM 0.33.1" in done.stderr

@@ -278,6 +278,15 @@ class MRoPEPruning(PruningModel):
     """
     _divprune_offsets = None
 
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        # Only the first pipeline stage embeds the prompt, so later stages would never see the
+        # offsets and would rotate the kept tokens by their item's start position alone.
+        stages = getattr(getattr(vllm_config, "parallel_config", None), "pipeline_parallel_size", 1)
+        if stages > 1:
+            raise ValueError(f"divprune_ext: {type(self).__name__} with pipeline parallelism ({stages} stages) is "
+                             "not supported: the kept tokens' positions reach the first stage only")
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+
     def grid_of(self, modality: str, index: int, kwargs) -> tuple:
         """(t, h, w, t_factor) of item ``index`` in the LLM's merged grid, from embed_multimodal's kwargs."""
         raise NotImplementedError

@@ -169,3 +169,10 @@ def test_video_time_offsets_follow_vllms_scaling():
     scaled = grid_positions(5, 1, 1, 0.7)
     assert scaled[0].tolist() == [int(t * 0.7) for t in range(5)]
     assert np.array_equal(grid_positions(1, 3, 2, 1.0)[1:], np.indices((3, 2)).reshape(2, -1))
+
+
+def test_pipeline_parallelism_is_refused():
+    """Later pipeline stages never see the offsets (only the first embeds the prompt)."""
+    config = SimpleNamespace(parallel_config=SimpleNamespace(pipeline_parallel_size=2))
+    with pytest.raises(ValueError, match="pipeline parallelism"):
+        DivPruneQwen2VL(vllm_config=config)

@@ -87,9 +87,8 @@ def fix_vllm_cli() -> int:
     return 0
 
 
-def main() -> int:
-    if fix_torchaudio() or fix_vllm_cli():
-        return 1
+def fix_torchvision() -> int:
+    """The register_fake patch described at the top."""
     if imports():
         print("torchvision imports: nothing to do")
         return 0
@@ -118,6 +117,11 @@ def main() -> int:
         return 1
     print("torchvision imports (its compiled ops are unavailable)")
     return 0
+
+
+def main() -> int:
+    # In this order: transformers imports torchaudio and torchvision, vllm's command line transformers.
+    return 1 if fix_torchaudio() or fix_torchvision() or fix_vllm_cli() else 0
 
 
 if __name__ == "__main__":

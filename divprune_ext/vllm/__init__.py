@@ -29,6 +29,9 @@ SUPPORTED_VLLM = ((0, 32, 0), (0, 33, 0))  # [lowest, first unsupported): the ve
 # architecture (the checkpoint's config.json "architectures") -> "module:class", imported lazily by vLLM
 SUPPORTED_ARCHITECTURES = {
     "LlavaForConditionalGeneration": "divprune_ext.vllm.llava:DivPruneLlava",
+    "LlavaNextForConditionalGeneration": "divprune_ext.vllm.llava:DivPruneLlavaNext",
+    "LlavaNextVideoForConditionalGeneration": "divprune_ext.vllm.llava:DivPruneLlavaNextVideo",
+    "LlavaOnevisionForConditionalGeneration": "divprune_ext.vllm.llava:DivPruneLlavaOnevision",
     "Qwen2VLForConditionalGeneration": "divprune_ext.vllm.qwen_vl:DivPruneQwen2VL",
     "Qwen2_5_VLForConditionalGeneration": "divprune_ext.vllm.qwen_vl:DivPruneQwen2_5_VL",
 }

@@ -8,7 +8,9 @@ trained here on a few sentences, the family's special tokens and a chat template
 Sizes: text hidden 64 with 2 heads (head_dim 32, the smallest vLLM's CPU attention takes),
 2 layers; vision towers of 2 layers. LLaVA: CLIP 56x56 images in 14x14 patches -> 16 tokens an
 image. Qwen-VL: 14x14 patches merged 2x2, 16 to 64 merged tokens an image (min / max_pixels),
-so tall and wide images get different grids. ``initializer_range`` 0.3: random weights at the
+so tall and wide images get different grids. LLaVA-NeXT / NeXT-Video / OneVision: CLIP 16x16
+tiles in 4x4 patches (16 tokens a tile), anyres over 1x2, 2x1 and 2x2 tiles (36 to 88 tokens an
+image with its newline rows); a video frame pools to 2x2 tokens. ``initializer_range`` 0.3: random weights at the
 default 0.02 barely look at the image, and different images must give different greedy tokens.
 
 Adding a kind: a function ``_<kind>(tokenizer) -> (model, processor)`` in ``BUILDERS``, and a
@@ -24,8 +26,13 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 SEED = 0
 INIT = 0.3
-KINDS = ["llava", "qwen2_vl", "qwen2_5_vl"]
+KINDS = ["llava", "qwen2_vl", "qwen2_5_vl", "llava_next", "llava_next_video", "llava_onevision"]
 LLAVA_SIDE, LLAVA_PATCH = 56, 14
+# LLaVA-NeXT / NeXT-Video / OneVision: 16x16 tiles in 4x4 patches (16 tokens a tile; a video frame
+# pools to 2x2); anyres over 1x2, 2x1 and 2x2 tiles. vLLM's NeXT-Video pooler divides by
+# image_size // patch_size**2, which must not be 0.
+NEXT_SIDE, NEXT_PATCH = 16, 4
+NEXT_PINPOINTS = [[16, 32], [32, 16], [32, 32]]
 QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 16 * 28 * 28, 64 * 28 * 28
 SENTENCES = [
     "what is in the image ?", "describe the picture in a few words .", "the cat sat on the mat .",
@@ -33,6 +40,7 @@ SENTENCES = [
     "user assistant system : hello world , how are you today ?", "one two three four five six seven eight nine ten",
 ]
 LLAVA_SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+NEXT_SPECIAL = LLAVA_SPECIAL + ["<video>"]
 QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                 "<|image_pad|>", "<|video_pad|>"]
 LLAVA_TEMPLATE = (
@@ -41,6 +49,8 @@ LLAVA_TEMPLATE = (
     "{% for part in message['content'] %}{% if part['type'] == 'image' or part['type'] == 'image_url' %}<image>\n"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}\n"
     "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+NEXT_TEMPLATE = LLAVA_TEMPLATE.replace(
+    "<image>\n{% elif", "<image>\n{% elif part['type'] == 'video' or part['type'] == 'video_url' %}<video>\n{% elif")
 QWEN_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
@@ -89,6 +99,46 @@ def _llava() -> Tuple[torch.nn.Module, object]:
     return model, processor
 
 
+def _llava_next(kind: str) -> Tuple[torch.nn.Module, object]:
+    """LLaVA-NeXT (images), LLaVA-NeXT-Video (vLLM serves its videos only) and LLaVA-OneVision."""
+    tok = tokenizer(NEXT_SPECIAL, NEXT_TEMPLATE, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                    unk_token="<unk>")
+    vocab = len(tok)
+    vision = transformers.CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=NEXT_SIDE, patch_size=NEXT_PATCH,
+                                           initializer_range=INIT, initializer_factor=1.0)
+    text = transformers.LlamaConfig(**_text(vocab, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                            eos_token_id=tok.eos_token_id))
+    ids = dict(image_token_index=tok.convert_tokens_to_ids("<image>"))
+    if kind != "llava_next":
+        ids["video_token_index"] = tok.convert_tokens_to_ids("<video>")
+    common = dict(vision_config=vision.to_dict(), text_config=text.to_dict(), vision_feature_layer=-1,
+                  vision_feature_select_strategy="default", image_grid_pinpoints=NEXT_PINPOINTS,
+                  initializer_range=INIT, **ids)
+    size = dict(size={"shortest_edge": NEXT_SIDE}, crop_size={"height": NEXT_SIDE, "width": NEXT_SIDE},
+                image_grid_pinpoints=NEXT_PINPOINTS)
+    tokens = dict(tokenizer=tok, chat_template=NEXT_TEMPLATE, vision_feature_select_strategy="default")
+    if kind == "llava_next":
+        model = transformers.LlavaNextForConditionalGeneration(transformers.LlavaNextConfig(**common))
+        processor = transformers.LlavaNextProcessor(image_processor=transformers.LlavaNextImageProcessor(**size),
+                                                    patch_size=NEXT_PATCH, num_additional_image_tokens=1, **tokens)
+    elif kind == "llava_next_video":
+        model = transformers.LlavaNextVideoForConditionalGeneration(transformers.LlavaNextVideoConfig(**common))
+        video = transformers.LlavaNextVideoVideoProcessor(size={"shortest_edge": NEXT_SIDE},
+                                                          crop_size={"height": NEXT_SIDE, "width": NEXT_SIDE})
+        processor = transformers.LlavaNextVideoProcessor(
+            video_processor=video, image_processor=transformers.LlavaNextImageProcessor(**size),
+            patch_size=NEXT_PATCH, num_additional_image_tokens=1, **tokens)
+    else:
+        model = transformers.LlavaOnevisionForConditionalGeneration(transformers.LlavaOnevisionConfig(**common))
+        image = transformers.LlavaOnevisionImageProcessor(size={"height": NEXT_SIDE, "width": NEXT_SIDE},
+                                                          image_grid_pinpoints=NEXT_PINPOINTS)
+        video = transformers.LlavaOnevisionVideoProcessor(size={"height": NEXT_SIDE, "width": NEXT_SIDE})
+        processor = transformers.LlavaOnevisionProcessor(image_processor=image, video_processor=video,
+                                                         num_image_tokens=(NEXT_SIDE // NEXT_PATCH) ** 2 + 1, **tokens)  # + CLS
+    return model, processor
+
+
 def _qwen(kind: str) -> Tuple[torch.nn.Module, object]:
     tok = tokenizer(QWEN_SPECIAL, QWEN_TEMPLATE, pad_token="<|endoftext|>", eos_token="<|im_end|>")
     vocab = len(tok)
@@ -123,6 +173,9 @@ BUILDERS: Dict[str, Callable[[], Tuple[torch.nn.Module, object]]] = {
     "llava": _llava,
     "qwen2_vl": lambda: _qwen("qwen2_vl"),
     "qwen2_5_vl": lambda: _qwen("qwen2_5_vl"),
+    "llava_next": lambda: _llava_next("llava_next"),
+    "llava_next_video": lambda: _llava_next("llava_next_video"),
+    "llava_onevision": lambda: _llava_next("llava_onevision"),
 }
 
 
@@ -135,7 +188,8 @@ def _llava_rename(name: str) -> str:
     return name
 
 
-RENAMES: Dict[str, Callable[[str], str]] = {"llava": _llava_rename}
+RENAMES: Dict[str, Callable[[str], str]] = {kind: _llava_rename for kind in
+                                            ("llava", "llava_next", "llava_next_video", "llava_onevision")}
 
 
 def _rename(directory: str, rename: Callable[[str], str]) -> None:

@@ -43,8 +43,14 @@ def image_embeds(path, spec):
             features = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"],
                                                       return_dict=True).pooler_output[0]
             return {"image_embeds": features.float(), "image_grid_thw": inputs["image_grid_thw"]}  # (n, H), (1, 3)
+        extra = {}
+        if "image_sizes" in inputs:  # LLaVA-NeXT / OneVision: anyres tiles + newline rows, per image
+            extra["image_sizes"] = inputs["image_sizes"]
+            if hasattr(model.config, "vision_aspect_ratio"):  # OneVision
+                extra.update(batch_num_images=inputs.get("batch_num_images", [len(inputs["image_sizes"])]),
+                             vision_aspect_ratio=model.config.vision_aspect_ratio)
         features = model.model.get_image_features(pixel_values=inputs["pixel_values"], vision_feature_layer=-1,
-                                                  vision_feature_select_strategy="default")
+                                                  vision_feature_select_strategy="default", **extra)
     features = getattr(features, "pooler_output", features)  # one (n, H) per image, a tensor or a list
     return features[0].unsqueeze(0).float()  # (1, n, H): one image
 
@@ -88,8 +94,14 @@ def run(spec):
         elif kind == "dummy":
             processor = llm.llm_engine.renderer.mm_processor
             mm = processor.get_dummy_mm_inputs({job["modality"]: 1})
-            out[name] = {"lengths": [p.length for p in mm["mm_placeholders"][job["modality"]]],
-                         "max": getattr(processor.info, f"get_max_{job['modality']}_tokens")()}
+            info, modality = processor.info, job["modality"]
+            if hasattr(info, f"get_max_{modality}_tokens"):
+                most = getattr(info, f"get_max_{modality}_tokens")()
+            else:  # LLaVA-NeXT-Video: its largest frames, as many as the dummy video has
+                size = info.get_image_size_with_most_features()
+                frames = info.get_num_frames_with_most_features(llm.llm_engine.model_config.max_model_len, {modality: 1})
+                most = info.get_num_video_tokens(image_width=size.width, image_height=size.height, num_frames=frames)
+            out[name] = {"lengths": [p.length for p in mm["mm_placeholders"][modality]], "max": most}
         else:
             raise ValueError(f"unknown job kind {kind!r}")
     return out

@@ -77,7 +77,8 @@ if [ "${DIVPRUNE_VLLM_SKIP_INSTALL:-0}" != 1 ]; then
   # tracked files and untracked ones git doesn't ignore (the working tree as it is now)
   git ls-files -z --cached --others --exclude-standard | (tar --null -T - -cf - 2>/dev/null || true) | tar -xf - -C "$SRC"
   say "building divprune_ext against the venv's torch (log: $VENV/divprune_build.log)"
-  if ! (cd "$SRC" && DIVPRUNE_CPU_ONLY=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+  # CPU kernels only (vLLM's CPU torch), whatever FORCE_CUDA the caller (CI) exported.
+  if ! (cd "$SRC" && FORCE_CUDA=0 DIVPRUNE_CPU_ONLY=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
         "$VPY" -m pip install --no-build-isolation --no-deps --force-reinstall --no-cache-dir . \
         > "$VENV/divprune_build.log" 2>&1); then
     tail -40 "$VENV/divprune_build.log"; exit 1

@@ -78,15 +78,19 @@ def _text(vocab: int, **overrides) -> dict:
     return {**common, **overrides}
 
 
-def _llava() -> Tuple[torch.nn.Module, object]:
-    tok = tokenizer(LLAVA_SPECIAL, LLAVA_TEMPLATE, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                    unk_token="<unk>")
-    vocab = len(tok)
+def _clip_llama(special: List[str], template: str, side: int, patch: int):
+    """The LLaVA family's tokenizer, CLIP vision config and Llama text config."""
+    tok = tokenizer(special, template, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     vision = transformers.CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                           num_attention_heads=2, image_size=LLAVA_SIDE, patch_size=LLAVA_PATCH,
+                                           num_attention_heads=2, image_size=side, patch_size=patch,
                                            initializer_range=INIT, initializer_factor=1.0)
-    text = transformers.LlamaConfig(**_text(vocab, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+    text = transformers.LlamaConfig(**_text(len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                                             eos_token_id=tok.eos_token_id))
+    return tok, vision, text
+
+
+def _llava() -> Tuple[torch.nn.Module, object]:
+    tok, vision, text = _clip_llama(LLAVA_SPECIAL, LLAVA_TEMPLATE, LLAVA_SIDE, LLAVA_PATCH)
     config = transformers.LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
                                       image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
                                       vision_feature_select_strategy="default", initializer_range=INIT)
@@ -101,14 +105,7 @@ def _llava() -> Tuple[torch.nn.Module, object]:
 
 def _llava_next(kind: str) -> Tuple[torch.nn.Module, object]:
     """LLaVA-NeXT (images), LLaVA-NeXT-Video (vLLM serves its videos only) and LLaVA-OneVision."""
-    tok = tokenizer(NEXT_SPECIAL, NEXT_TEMPLATE, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                    unk_token="<unk>")
-    vocab = len(tok)
-    vision = transformers.CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                           num_attention_heads=2, image_size=NEXT_SIDE, patch_size=NEXT_PATCH,
-                                           initializer_range=INIT, initializer_factor=1.0)
-    text = transformers.LlamaConfig(**_text(vocab, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                                            eos_token_id=tok.eos_token_id))
+    tok, vision, text = _clip_llama(NEXT_SPECIAL, NEXT_TEMPLATE, NEXT_SIDE, NEXT_PATCH)
     ids = dict(image_token_index=tok.convert_tokens_to_ids("<image>"))
     if kind != "llava_next":
         ids["video_token_index"] = tok.convert_tokens_to_ids("<video>")

@@ -10,7 +10,6 @@ keep ratio into a token count and gather the kept tokens.
 >>> kept, idx = divprune_ext.prune(tokens, keep_ratio=0.1)   # 58 tokens, original order
 """
 import importlib.util
-import math
 import numbers
 from typing import Optional, Tuple
 

@@ -38,9 +38,8 @@ compute budget (``max_num_batched_tokens`` by default), so at ratio ``r`` one st
 to ``budget / r`` tokens. The README says how to bound it.
 """
 import dataclasses
-import math
 import numbers
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Sequence
 
 import torch
 
@@ -217,12 +216,11 @@ class PruningModel:
         pruned = [i for i, (item, k) in enumerate(zip(items, counts)) if k < len(item)]
         if not pruned:
             return items
-        lengths = [len(items[i]) for i in pruned]
+        lengths, keep = [len(items[i]) for i in pruned], [counts[i] for i in pruned]
         packed = torch.cat([items[i] for i in pruned])
-        picks = divprune_ext.select_varlen(packed, lengths, [counts[i] for i in pruned], sorted=True,
-                                           validate=False)
+        picks = divprune_ext.select_varlen(packed, lengths, keep, sorted=True, validate=False)
         start = 0
-        for i, local in zip(pruned, picks.split([counts[i] for i in pruned])):
+        for i, local in zip(pruned, picks.split(keep)):
             local = local - start  # rows of `packed` -> the item's own token indices
             start += len(items[i])
             items[i] = self._kept(items[i], local, modality, i, kwargs)
@@ -293,10 +291,17 @@ class MRoPEPruning(PruningModel):
 
     def _kept(self, item, picks, modality, index, kwargs):
         kept = super()._kept(item, picks, modality, index, kwargs)
-        grid = torch.from_numpy(grid_positions(*self.grid_of(modality, index, kwargs)).T.copy())
-        offsets = torch.zeros(len(picks), OFFSET_INTS, dtype=torch.int32)
-        offsets[:, :3] = grid.index_select(0, picks.cpu())
-        return torch.cat([kept, offsets.to(kept.device).view(kept.dtype)], dim=1)
+        # The picks' (t, h, w), computed where they are (no device-to-host read): token j of a
+        # (t, h, w) grid sits at frame j // (h w), row (j // w) % h, column j % w; the frame is
+        # scaled in float64 and truncated, as grid_positions does.
+        _, h, w, t_factor = self.grid_of(modality, index, kwargs)
+        picks = picks.to(kept.device)
+        frame = picks // (h * w)
+        if t_factor != 1.0:
+            frame = (frame.double() * t_factor).long()
+        offsets = torch.zeros(len(picks), OFFSET_INTS, dtype=torch.int32, device=kept.device)
+        offsets[:, 0], offsets[:, 1], offsets[:, 2] = frame, (picks // w) % h, picks % w
+        return torch.cat([kept, offsets.view(kept.dtype)], dim=1)
 
     def get_mrope_input_positions(self, input_tokens, mm_features):
         import numpy as np

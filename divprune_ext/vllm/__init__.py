@@ -16,8 +16,9 @@ What happens to a request (``divprune_ext/vllm/core.py`` has the details): the p
 ``k = keep_count(n, ratio)`` placeholders per item before the encoder runs; the encoder
 computes all ``n`` tokens; ``torch.ops.divprune.select_varlen`` picks ``k`` on the tokens as
 they enter the LLM (the same picks as ``divprune_ext.hf``), kept in their original order.
-Qwen2-VL / Qwen2.5-VL: kept tokens keep their multimodal RoPE positions (t, h, w) and text
-after an item keeps the positions it has in the unpruned prompt.
+Qwen2-VL / Qwen2.5-VL / Qwen3-VL: kept tokens keep their multimodal RoPE positions (t, h, w) and
+text after an item keeps the positions it has in the unpruned prompt. Gemma 3: each pan-and-scan
+crop is selected apart.
 
 Importing this module costs nothing; :func:`register` imports vLLM and checks its version
 (``SUPPORTED_VLLM``): any other version stops the engine with an error naming the range.
@@ -32,8 +33,10 @@ SUPPORTED_ARCHITECTURES = {
     "LlavaNextForConditionalGeneration": "divprune_ext.vllm.llava:DivPruneLlavaNext",
     "LlavaNextVideoForConditionalGeneration": "divprune_ext.vllm.llava:DivPruneLlavaNextVideo",
     "LlavaOnevisionForConditionalGeneration": "divprune_ext.vllm.llava:DivPruneLlavaOnevision",
+    "Gemma3ForConditionalGeneration": "divprune_ext.vllm.gemma3:DivPruneGemma3",
     "Qwen2VLForConditionalGeneration": "divprune_ext.vllm.qwen_vl:DivPruneQwen2VL",
     "Qwen2_5_VLForConditionalGeneration": "divprune_ext.vllm.qwen_vl:DivPruneQwen2_5_VL",
+    "Qwen3VLForConditionalGeneration": "divprune_ext.vllm.qwen_vl:DivPruneQwen3VL",
 }
 
 

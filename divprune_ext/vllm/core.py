@@ -18,9 +18,12 @@ vLLM's own. The key never reaches the Hugging Face processor.
 Placeholders
 ============
 ``_get_prompt_updates`` wraps the family's replacements: an item the family would give ``n``
-placeholders gets the first ``k = keep_count(n, ratio)`` of them (the placeholders of an item are
-all one token id in the supported families; anything else raises ``NotImplementedError`` at a
-ratio below 1 rather than pruning wrongly). The ratio reaches the model as one value per item
+placeholders gets ``k = keep_count(n, ratio)`` of them (the placeholders of an item are all one
+token id in the supported families; anything else raises ``NotImplementedError`` at a ratio below
+1 rather than pruning wrongly). Where text splits an item's placeholders into runs (marked by
+the family's ``is_embed``: Gemma 3's crops, Qwen3-VL's video frames), the model class says how
+many each run keeps (:meth:`PruningModel.kept_per_run`) and the text stays. Families whose
+items are one run refuse several. The ratio reaches the model as one value per item
 in a field ``divprune_<modality>_ratio`` (float64 bits carried as int64: vLLM casts floating
 processor outputs to the model dtype, and ``round(n * r)`` in bf16 would give another k), present
 at 1.0 too so that items of requests with and without a ratio batch together.
@@ -30,7 +33,8 @@ Selection
 :meth:`PruningModel.embed_multimodal` runs the family's own ``embed_multimodal`` (the encoder and
 projector / merger on all ``n`` tokens: what the encoder cache budget and the profile run, made
 at ratio 1.0 by :meth:`PruningProcessor.get_dummy_inputs`, account for) and then one
-``select_varlen`` call over the items with ``k < n``, picks in ascending order. vLLM checks
+``select_varlen`` call over the items with ``k < n`` (over their parts, :meth:`PruningModel.segments`,
+where runs are selected apart), picks in ascending order. vLLM checks
 nothing more: the rows it receives fill the item's ``k`` placeholders in order.
 
 Encoder budget: vLLM's scheduler charges an item's placeholder count (``k``) against the encoder
@@ -131,27 +135,53 @@ class PruningProcessor:
     def _pruned_update(self, update, ratio: float):
         from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
 
-        family = type(self).__mro__[2].__name__  # the family's processor (after the mixin and this class)
+        family = self._family_name()
         if not isinstance(update, PromptReplacement) or update.modality not in MODALITIES:
             raise NotImplementedError(f"divprune_ext: {family} updates {update.modality} prompts in a way the "
                                       f"plugin does not prune ({type(update).__name__}); use {KEY}=1.0")
-        content = update.replacement
+        content, modality = update.replacement, update.modality
 
         def pruned(item_idx: int):
             full = content(item_idx) if callable(content) else content
-            if isinstance(full, PromptUpdateDetails):
-                if full.is_embed is not None:
-                    raise NotImplementedError(f"divprune_ext: {family} places non-embedding tokens inside its "
-                                              f"{update.modality} span; the plugin does not prune it "
-                                              f"(use {KEY}=1.0)")
-                full = full.full
-            ids = list(full)
-            if len(set(ids)) != 1:
-                raise NotImplementedError(f"divprune_ext: {family} {update.modality} placeholders are not one "
-                                          f"repeated token; the plugin does not prune them (use {KEY}=1.0)")
-            return ids[:divprune_ext.keep_count(len(ids), ratio)]
+            details = isinstance(full, PromptUpdateDetails)
+            ids = list(full.full) if details else list(full)
+            embed = (full.is_embed(ids).tolist() if details and full.is_embed is not None else [True] * len(ids))
+            placeholder = {t for t, e in zip(ids, embed) if e}
+            if len(placeholder) != 1:
+                raise NotImplementedError(f"divprune_ext: {family} {modality} placeholders are not one repeated "
+                                          f"token; the plugin does not prune them (use {KEY}=1.0)")
+            token, runs = placeholder.pop(), embed_runs(embed)
+            kept = self.kept_per_run(modality, [length for _, length in runs], ratio)
+            if kept == [length for _, length in runs]:
+                return full  # nothing pruned (k == n): the family's own replacement
+            out, cursor = [], 0
+            for (start, length), k in zip(runs, kept):  # each run becomes k placeholders, the rest stays
+                out += ids[cursor:start] + [token] * k
+                cursor = start + length
+            out += ids[cursor:]
+            if self._divprune_model.embeds_whole_span(modality):
+                return PromptUpdateDetails.from_seq(out)  # the model fills every token of the replacement
+            return PromptUpdateDetails.select_token_id(out, token) if details else out
 
-        return PromptReplacement(modality=update.modality, target=update.target, replacement=pruned)
+        return PromptReplacement(modality=modality, target=update.target, replacement=pruned)
+
+    def _family_name(self) -> str:
+        return type(self).__mro__[2].__name__  # the family's processor (after the mixed class and the mixin)
+
+    def kept_per_run(self, modality: str, lengths: List[int], ratio: float) -> List[int]:
+        return self._divprune_model.kept_per_run(modality, lengths, ratio, self._family_name())
+
+
+def embed_runs(embed: Sequence[bool]) -> List[tuple]:
+    """(start, length) of each maximal run of True in ``embed``."""
+    runs, start = [], None
+    for i, e in enumerate(list(embed) + [False]):
+        if e and start is None:
+            start = i
+        elif not e and start is not None:
+            runs.append((start, i - start))
+            start = None
+    return runs
 
 
 _PROCESSOR_CLASSES: Dict[type, type] = {}
@@ -174,6 +204,7 @@ def with_pruning_processor(model_cls):
         processor = parent.processor(info, dummy_inputs, **kwargs)  # the factory picks the class
         pruning = object.__new__(_pruning_class(type(processor)))
         pruning.__dict__.update(processor.__dict__)  # the same state, built by the family's __init__
+        pruning._divprune_model = model_cls  # its kept_per_run: how many placeholders each run keeps
         return pruning
 
     return MULTIMODAL_REGISTRY.register_processor(build, info=parent.info, dummy_inputs=parent.dummy_inputs)(model_cls)
@@ -211,17 +242,51 @@ class PruningModel:
             raise RuntimeError(f"divprune_ext: {len(items)} {modality} outputs for {len(ratios)} ratios")
         return tuple(self._prune(items, ratios, modality, kwargs))
 
+    @classmethod
+    def kept_per_run(cls, modality: str, lengths: List[int], ratio: float, family: str) -> List[int]:
+        """How many placeholders each run of one item's placeholders keeps (in the processor,
+        before the encoder). An item is one run here: ``keep_count(n, ratio)``. A family whose
+        items have several runs (split by text: Gemma 3's pan-and-scan crops) overrides this and
+        :meth:`segments` together; others refuse them rather than place rows wrongly (Pixtral's
+        row breaks)."""
+        if len(lengths) != 1:
+            raise NotImplementedError(f"divprune_ext: {family} splits each {modality}'s placeholders into "
+                                      f"{len(lengths)} runs; the plugin does not prune them (use {KEY}=1.0)")
+        return [divprune_ext.keep_count(lengths[0], ratio)]
+
+    @classmethod
+    def embeds_whole_span(cls, modality: str) -> bool:
+        """Whether a pruned item's rows fill its whole replacement (text tokens too: the family's
+        ``_kept`` writes their embeddings), not only its placeholders."""
+        return False
+
+    def segments(self, modality: str, index: int, kwargs, rows: int) -> List[int]:
+        """The lengths of the parts of item ``index`` (``rows`` rows) selected apart, in prompt
+        order: one part per run of placeholders that :meth:`kept_per_run` prunes apart."""
+        return [rows]
+
+    def selection_features(self, item: torch.Tensor) -> torch.Tensor:
+        """The columns of an item's rows DivPrune compares: all (the tokens as they enter the LLM)."""
+        return item
+
     def _prune(self, items: List[torch.Tensor], ratios: Sequence[float], modality: str, kwargs) -> List[torch.Tensor]:
-        counts = [divprune_ext.keep_count(len(item), r) for item, r in zip(items, ratios)]
-        pruned = [i for i, (item, k) in enumerate(zip(items, counts)) if k < len(item)]
+        lengths, keep, pruned = [], [], []  # segments of the pruned items, in order; (item, its kept count)
+        for i, (item, ratio) in enumerate(zip(items, ratios)):
+            parts = self.segments(modality, i, kwargs, len(item))
+            if sum(parts) != len(item):
+                raise RuntimeError(f"divprune_ext: {modality} {i} has {len(item)} rows, its parts {parts}")
+            counts = self.kept_per_run(modality, parts, ratio, type(self).__name__)
+            if sum(counts) < len(item):
+                lengths += parts
+                keep += counts
+                pruned.append((i, sum(counts)))
         if not pruned:
             return items
-        lengths, keep = [len(items[i]) for i in pruned], [counts[i] for i in pruned]
-        packed = torch.cat([items[i] for i in pruned])
+        packed = torch.cat([self.selection_features(items[i]) for i, _ in pruned])
         picks = divprune_ext.select_varlen(packed, lengths, keep, sorted=True, validate=False)
         start = 0
-        for i, local in zip(pruned, picks.split(keep)):
-            local = local - start  # rows of `packed` -> the item's own token indices
+        for (i, _), local in zip(pruned, picks.split([k for _, k in pruned])):
+            local = local - start  # rows of `packed` -> the item's own token indices (ascending)
             start += len(items[i])
             items[i] = self._kept(items[i], local, modality, i, kwargs)
         return items
@@ -249,6 +314,14 @@ def grid_positions(t: int, h: int, w: int, t_factor: float):
 # Each kept row of a pruned item carries (t, h, w, 0) as int32 bits: 16 bytes, whole columns in
 # float32 (4), bf16 / fp16 (8) and float64 (2).
 OFFSET_INTS = 4
+
+
+def with_offsets(rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``rows`` with each row's (t, h, w) offset (``offsets``: (rows, 3) integers) appended as
+    int32 bits in ``OFFSET_INTS`` extra columns."""
+    bits = torch.zeros(len(rows), OFFSET_INTS, dtype=torch.int32, device=rows.device)
+    bits[:, :3] = offsets.to(rows.device)
+    return torch.cat([rows, bits.view(rows.dtype)], dim=1)
 
 
 class MRoPEPruning(PruningModel):
@@ -285,6 +358,10 @@ class MRoPEPruning(PruningModel):
                              "not supported: the kept tokens' positions reach the first stage only")
         super().__init__(vllm_config=vllm_config, prefix=prefix)
 
+    def embedding_width(self) -> int:
+        """Columns of ``embed_multimodal``'s rows without offsets (the LLM's hidden size here)."""
+        return self.config.text_config.hidden_size
+
     def grid_of(self, modality: str, index: int, kwargs) -> tuple:
         """(t, h, w, t_factor) of item ``index`` in the LLM's merged grid, from embed_multimodal's kwargs."""
         raise NotImplementedError
@@ -299,9 +376,7 @@ class MRoPEPruning(PruningModel):
         frame = picks // (h * w)
         if t_factor != 1.0:
             frame = (frame.double() * t_factor).long()
-        offsets = torch.zeros(len(picks), OFFSET_INTS, dtype=torch.int32, device=kept.device)
-        offsets[:, 0], offsets[:, 1], offsets[:, 2] = frame, (picks // w) % h, picks % w
-        return torch.cat([kept, offsets.view(kept.dtype)], dim=1)
+        return with_offsets(kept, torch.stack([frame, (picks // w) % h, picks % w], dim=1))
 
     def get_mrope_input_positions(self, input_tokens, mm_features):
         import numpy as np
@@ -333,7 +408,7 @@ class MRoPEPruning(PruningModel):
     def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
         self._divprune_offsets = None
         if multimodal_embeddings is not None and len(multimodal_embeddings) > 0:
-            hidden = self.config.text_config.hidden_size
+            hidden = self.embedding_width()
             stripped, offsets, carried = [], [], False
             for embeds in multimodal_embeddings:
                 if embeds.shape[-1] == hidden:

@@ -1,4 +1,4 @@
-"""Qwen2-VL and Qwen2.5-VL in vLLM, pruned: images, several per prompt, and videos.
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL in vLLM, pruned: images, several per prompt, and videos.
 
 Selection runs on each item's output of the vision tower's patch merger (a video: all its frames
 together), as in ``divprune_ext.hf``. Positions: :class:`divprune_ext.vllm.core.MRoPEPruning`; the
@@ -6,10 +6,16 @@ grid of an item comes from the same fields vLLM's ``iter_mm_grid_thw`` reads (``
 merged by ``spatial_merge_size``; a video's time axis scaled by ``second_per_grid_ts`` x
 ``vision_config.tokens_per_second``), so both sides agree on every offset.
 """
+from types import SimpleNamespace
+
+import torch
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration
+from vllm.model_executor.models.qwen3_vl import Qwen3VLForConditionalGeneration, Qwen3VLMultiModalProcessor
 
-from .core import MRoPEPruning, with_pruning_processor
+import divprune_ext
+
+from .core import MRoPEPruning, with_offsets, with_pruning_processor
 
 
 class QwenVLPruning(MRoPEPruning):
@@ -32,3 +38,120 @@ class DivPruneQwen2VL(QwenVLPruning, Qwen2VLForConditionalGeneration):
 @with_pruning_processor
 class DivPruneQwen2_5_VL(QwenVLPruning, Qwen2_5_VLForConditionalGeneration):
     pass
+
+
+@with_pruning_processor
+class DivPruneQwen3VL(QwenVLPruning, Qwen3VLForConditionalGeneration):
+    """Qwen3-VL: images and videos.
+
+    Deepstack: each row of ``embed_multimodal`` is the merged token (``out_hidden_size`` columns)
+    followed by its deepstack features (one block per ``deepstack_visual_indexes`` entry), which
+    the LLM adds to the hidden states of the visual tokens in its first layers. DivPrune compares
+    the merged tokens (as ``divprune_ext.hf``) and keeps whole rows, so the deepstack features
+    follow the same picks; the offset columns go after them.
+
+    Images: the Qwen2-VL scheme with t = 1.
+
+    Videos: vLLM writes each frame as a timestamp, ``<|vision_start|>``, the frame's tokens,
+    ``<|vision_end|>``. DivPrune selects over all frames of a video together (as
+    ``divprune_ext.hf``), so how many tokens each frame keeps is known only after the encoder,
+    while the prompt is fixed before it. So, as vLLM's own video pruning (EVS) does, the prompt
+    holds all ``k`` placeholders in the first frame and the replacement is filled whole: the
+    plugin writes the video's rows in the layout ``divprune_ext.hf`` gives the pruned video
+    (each timestamp, then its frame's kept tokens between the vision markers), the text tokens
+    as the LLM's own embeddings of them (no deepstack), each row with its unpruned position.
+    The LLM sees what transformers + ``divprune_ext.hf`` give it. The frames' kept counts are
+    read to the host (one sync per pruned video, as EVS).
+
+    Positions: vLLM's own ``get_mrope_input_positions`` on the *unpruned* prompt (each pruned
+    item put back to its full length), every placeholder of a pruned item at its item's first
+    position, text elsewhere at its unpruned position; the rows' offsets do the rest.
+    """
+
+    @classmethod
+    def kept_per_run(cls, modality, lengths, ratio, family):
+        if modality == "video":  # one selection over all frames; the first frame's run holds every kept token
+            k = divprune_ext.keep_count(sum(lengths), ratio)
+            return list(lengths) if k == sum(lengths) else [k] + [0] * (len(lengths) - 1)
+        return super().kept_per_run(modality, lengths, ratio, family)
+
+    @classmethod
+    def embeds_whole_span(cls, modality):
+        return modality == "video"
+
+    def embedding_width(self) -> int:
+        return self.visual_dim + self.multiscale_dim
+
+    def selection_features(self, item):
+        return item[:, :self.visual_dim]  # the merged tokens, without the deepstack columns
+
+    def _kept(self, item, picks, modality, index, kwargs):
+        if modality != "video":
+            return super()._kept(item, picks, modality, index, kwargs)
+        t, h, w, _ = self.grid_of(modality, index, kwargs)
+        timestamps = kwargs["timestamps"][index]
+        timestamps = timestamps.tolist() if isinstance(timestamps, torch.Tensor) else list(timestamps)
+        counts = torch.bincount(picks.cpu() // (h * w), minlength=t).tolist()  # the host read: the layout
+        ids = torch.tensor(self._video_span(counts, timestamps))
+        full = self._video_span([h * w] * t, timestamps)
+        positions = self._unpruned_positions(full, [self._video_feature(0, len(full), kwargs, index)])
+        is_token, was_token = ids == self.config.video_token_id, torch.tensor(full) == self.config.video_token_id
+        offsets = torch.empty(len(ids), 3, dtype=torch.int64)
+        offsets[is_token] = positions[:, was_token].t()[picks.cpu()]
+        offsets[~is_token] = positions[:, ~was_token].t()
+        rows = item.new_zeros(len(ids), item.shape[1])
+        rows[is_token.to(item.device)] = item.index_select(0, picks.to(item.device))
+        text = ids[~is_token].to(item.device)
+        rows[(~is_token).to(item.device), :self.visual_dim] = self.get_language_model().embed_input_ids(text).to(item.dtype)
+        return with_offsets(rows, offsets)
+
+    def _video_span(self, tokens_per_frame, timestamps):
+        return Qwen3VLMultiModalProcessor.get_video_repl(
+            tokens_per_frame=tokens_per_frame, timestamps=timestamps, tokenizer=self._tokenizer,
+            vision_start_token_id=self.config.vision_start_token_id,
+            vision_end_token_id=self.config.vision_end_token_id, video_token_id=self.config.video_token_id).full
+
+    @staticmethod
+    def _video_feature(offset, length, kwargs, index):
+        grid = SimpleNamespace(data=torch.as_tensor(kwargs["video_grid_thw"][index]))
+        return SimpleNamespace(modality="video", data={"video_grid_thw": grid},
+                               mm_position=SimpleNamespace(offset=offset, length=length))
+
+    def _unpruned_positions(self, tokens, features):
+        return Qwen3VLForConditionalGeneration._get_mrope_input_positions(tokens, features, self.config)[0]
+
+    def _full_span(self, feature, span):
+        """The replacement ``span`` of an item as it is unpruned."""
+        merge = self.config.vision_config.spatial_merge_size
+        if feature.modality == "image":
+            t, h, w = feature.data["image_grid_thw"].data.tolist()
+            n = t * h * w // merge ** 2
+            return span if len(span) == n else [self.config.image_token_id] * n
+        _, h, w = feature.data["video_grid_thw"].data.tolist()
+        video, start = self.config.video_token_id, self.config.vision_start_token_id
+        full = []
+        for token in span:  # each frame's tokens, however many the pruned span holds, back to h * w
+            if token != video:
+                full.append(token)
+                if token == start:
+                    full += [video] * (h * w // merge ** 2)
+        return full
+
+    def get_mrope_input_positions(self, input_tokens, mm_features):
+        input_tokens = list(input_tokens)
+        tokens, features, index, cursor = [], [], [], 0
+        for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
+            offset, length = feature.mm_position.offset, feature.mm_position.length
+            index += range(len(tokens), len(tokens) + offset - cursor)  # the text before it
+            tokens += input_tokens[cursor:offset]
+            full = self._full_span(feature, input_tokens[offset:offset + length])
+            features.append(SimpleNamespace(modality=feature.modality, data=feature.data,
+                                            mm_position=SimpleNamespace(offset=len(tokens), length=len(full))))
+            # a pruned item: all its placeholders at its first position (its rows carry their offsets)
+            index += range(len(tokens), len(tokens) + length) if len(full) == length else [len(tokens)] * length
+            tokens += full
+            cursor = offset + length
+        index += range(len(tokens), len(tokens) + len(input_tokens) - cursor)
+        tokens += input_tokens[cursor:]
+        positions = self._unpruned_positions(tokens, features)
+        return positions[:, index], int(positions.max()) + 1 - len(input_tokens)

@@ -11,9 +11,9 @@
   per request the items' ``hashes`` and placeholder ``lengths``.
 - ``{"kind": "embeds", "request": request}``: its one image given as its features as they enter
   the LLM (``image_embeds``, computed with transformers from the same checkpoint; Qwen-VL: with
-  its ``image_grid_thw``) instead of pixels.
+  its ``image_grid_thw``, Qwen3-VL: each row followed by its deepstack features) instead of pixels.
 - ``{"kind": "dummy", "modality": m}``: the processor's profiling input for one item of ``m``:
-  its placeholder ``lengths`` and the family's ``max`` tokens per item.
+  its placeholders' embedding counts (``lengths``) and the family's ``max`` tokens per item.
 
 A request: ``{"prompt": [parts], "ratio": r or null, "seed": s}`` (see ``harness``).
 """
@@ -40,8 +40,10 @@ def image_embeds(path, spec):
                                        return_tensors="pt")
     with torch.no_grad():
         if "image_grid_thw" in inputs:  # Qwen-VL
-            features = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"],
-                                                      return_dict=True).pooler_output[0]
+            out = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
+            # Qwen3-VL: each row also carries its deepstack features, as vLLM's vision tower writes them
+            features = torch.cat([out.pooler_output[0]] + [layer[0] for layer in
+                                                           getattr(out, "deepstack_features", None) or ()], dim=1)
             return {"image_embeds": features.float(), "image_grid_thw": inputs["image_grid_thw"]}  # (n, H), (1, 3)
         extra = {}
         if "image_sizes" in inputs:  # LLaVA-NeXT / OneVision: anyres tiles + newline rows, per image
@@ -59,7 +61,9 @@ def run(spec):
     from vllm import LLM, SamplingParams
 
     path = spec["path"]
-    llm = LLM(model=path, **{**harness.ENGINE, **spec.get("engine", {})})
+    settings = harness.processor_kwargs(path)  # the family's processor settings, as transformers gets them
+    llm = LLM(model=path, **{**harness.ENGINE, **({"mm_processor_kwargs": settings} if settings else {}),
+                             **spec.get("engine", {})})
     params = SamplingParams(temperature=0, max_tokens=harness.MAX_NEW_TOKENS, ignore_eos=True)
     out = {}
     for name, job in spec["jobs"].items():
@@ -97,11 +101,15 @@ def run(spec):
             info, modality = processor.info, job["modality"]
             if hasattr(info, f"get_max_{modality}_tokens"):
                 most = getattr(info, f"get_max_{modality}_tokens")()
+            elif hasattr(info, "get_num_crops"):  # Gemma 3: its largest image (pan-and-scan crops included)
+                size = info.get_image_size_with_most_features()
+                most = info.get_num_image_tokens(image_width=size.width, image_height=size.height,
+                                                 processor=info.get_hf_processor(), mm_kwargs={})
             else:  # LLaVA-NeXT-Video: its largest frames, as many as the dummy video has
                 size = info.get_image_size_with_most_features()
                 frames = info.get_num_frames_with_most_features(llm.llm_engine.model_config.max_model_len, {modality: 1})
                 most = info.get_num_video_tokens(image_width=size.width, image_height=size.height, num_frames=frames)
-            out[name] = {"lengths": [p.length for p in mm["mm_placeholders"][modality]], "max": most}
+            out[name] = {"lengths": [p.get_num_embeds() for p in mm["mm_placeholders"][modality]], "max": most}
         else:
             raise ValueError(f"unknown job kind {kind!r}")
     return out

@@ -76,15 +76,28 @@ def vllm_request(path: str, prompt: List[Any], ratio: Optional[float] = None, se
     return request
 
 
+# Processor settings both engines get (vLLM: the engine's mm_processor_kwargs), by architecture.
+# Gemma 3: pan-and-scan, so that tall and wide images get crops (the default minimum crop, 256 px,
+# leaves the test checkpoint's small images whole).
+PROCESSOR_KWARGS = {"Gemma3ForConditionalGeneration": {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 28}}
+
+
+def architecture(path: str) -> str:
+    with open(os.path.join(path, "config.json")) as f:
+        return json.load(f)["architectures"][0]
+
+
+def processor_kwargs(path: str) -> Dict[str, Any]:
+    return dict(PROCESSOR_KWARGS.get(architecture(path), {}))
+
+
 _MODELS: Dict[str, Any] = {}
 
 
 def hf_model(path: str):
     import transformers
     if path not in _MODELS:
-        with open(os.path.join(path, "config.json")) as f:
-            arch = json.load(f)["architectures"][0]
-        model = getattr(transformers, arch).from_pretrained(path, dtype=torch.float32).eval()
+        model = getattr(transformers, architecture(path)).from_pretrained(path, dtype=torch.float32).eval()
         _MODELS[path] = (model, transformers.AutoProcessor.from_pretrained(path))
     return _MODELS[path]
 
@@ -93,7 +106,7 @@ def hf_inputs(path: str, prompt: List[Any], seed: int = 0) -> dict:
     from transformers.video_utils import VideoMetadata
     model, processor = hf_model(path)
     items = media(prompt, seed)
-    kwargs: Dict[str, Any] = {}
+    kwargs: Dict[str, Any] = processor_kwargs(path)
     if items["image"]:
         kwargs["images"] = items["image"]
     if items["video"]:
@@ -102,7 +115,11 @@ def hf_inputs(path: str, prompt: List[Any], seed: int = 0) -> dict:
                                                     if k in ("fps", "duration", "total_num_frames", "frames_indices")})
                                     for v in items["video"]]
         kwargs["do_sample_frames"] = False
-    return processor(text=[prompt_text(path, prompt)], return_tensors="pt", **kwargs)
+    inputs = processor(text=[prompt_text(path, prompt)], return_tensors="pt", **kwargs)
+    # Gemma 3: vLLM's CPU attention runs the image tokens causally (it has no bidirectional spans);
+    # transformers does so without the token types that make them bidirectional.
+    inputs.pop("token_type_ids", None)
+    return inputs
 
 
 @torch.no_grad()

@@ -50,6 +50,11 @@ PROMPTS = {
         ["describe", ("video", (4, 32, 40)), "the video"],                     # 4 x 4 + 1 newline
         [("image", (36, 48)), ("video", (2, 16, 16)), "one two"],              # 2 x 2 tiles: 70 tokens
     ],
+    # 16 tokens an image or crop; pan-and-scan (harness.PROCESSOR_KWARGS): a wide image 3 crops, a tall one 2
+    "gemma3": [
+        ["what is in the image ?", ("image", (56, 168))],                       # wide: 4 runs of 16
+        [("image", (120, 50)), "compare the two images", ("image", (56, 56))],  # tall (3 runs), square (1)
+    ],
 }
 # Two pruned items inside one 16-token prefill chunk (placeholders at 0.25: 4 + 4 for LLaVA, 4 + 4 for Qwen).
 TWO_IN_ONE_CHUNK = {"llava": [("image", (56, 56)), ("image", (50, 60)), "two"],
@@ -57,8 +62,11 @@ TWO_IN_ONE_CHUNK = {"llava": [("image", (56, 56)), ("image", (50, 60)), "two"],
                     # 36 tokens an image: at 0.1, 4 + 4 (NeXT), 4 + 1 (OneVision's 9-token video)
                     "llava_next": [("image", (16, 16)), ("image", (16, 20)), "two"],
                     "llava_onevision": [("image", (16, 16)), ("video", (2, 16, 16)), "two"]}
-TWO_IN_ONE_CHUNK_RATIO = {"llava_next": 0.1, "llava_onevision": 0.1}  # else 0.25
-MEDIA = {"llava": {"image": 2}, "llava_next": {"image": 2}, "llava_next_video": {"video": 1}}  # else 2 + 1
+TWO_IN_ONE_CHUNK["gemma3"] = [("image", (56, 56)), ("image", (50, 56)), "two"]  # 2 + 2, with <boi> / <eoi>
+TWO_IN_ONE_CHUNK_RATIO = {"llava_next": 0.1, "llava_onevision": 0.1, "gemma3": 0.1}  # else 0.25
+MEDIA = {"llava": {"image": 2}, "llava_next": {"image": 2}, "llava_next_video": {"video": 1},
+         "gemma3": {"image": 2}}  # else 2 + 1
+NO_IMAGE_EMBEDS = {"gemma3": "vLLM's Gemma 3 takes no image_embeds"}
 CACHE_PROMPT = [("image", (56, 56)), TEXT + " " + TEXT]
 # LLaVA-NeXT / OneVision: a 36-token image (0.51 keeps as many as 0.5); NeXT-Video: a 16-token video
 CACHE_PROMPTS = {"llava_next": [("image", (16, 16)), TEXT + " " + TEXT],
@@ -126,7 +134,7 @@ def runs(request, workdir) -> Runs:
     for n, bad in enumerate(BAD_RATIOS):
         jobs[f"bad{n}"] = {"kind": "error", "requests": requests(prompts[:1], bad)}
     jobs["after_bad"] = {"requests": requests(prompts[:1], 0.5)}
-    if has_images(kind):
+    if has_images(kind) and kind not in NO_IMAGE_EMBEDS:
         jobs["embeds"] = {"kind": "embeds", "request": {"prompt": prompts[0], "ratio": 0.5}}
     engine = dict(limits, enable_prefix_caching=True, enable_mm_embeds=True)
     plugin = harness.run_engine({"path": path, "engine": engine, "jobs": jobs}, str(workdir))
@@ -187,11 +195,30 @@ def test_placeholder_counts(runs, ratio):
         full_ids, pruned_ids = full["prompt"], pruned["prompt"]
         assert [t for t in full_ids if t not in ids] == [t for t in pruned_ids if t not in ids]
         runs_full, runs_pruned = placeholder_runs(full_ids, ids), placeholder_runs(pruned_ids, ids)
-        assert [k for _, k in runs_pruned] == [divprune_ext.keep_count(n, ratio) for _, n in runs_full]
+        assert [k for _, k in runs_pruned] == expected_runs(runs.kind, runs.path, runs_full, ratio)
+
+
+def expected_runs(kind, path, runs_full, ratio) -> List[int]:
+    """keep_count per run; Qwen3-VL's video (one a prompt here) is one run per frame unpruned and
+    keeps keep_count(all its frames' tokens) in its first frame's run."""
+    if kind != "qwen3_vl":
+        return [divprune_ext.keep_count(n, ratio) for _, n in runs_full]
+    import transformers
+    video = transformers.AutoConfig.from_pretrained(path).video_token_id
+    frames = [n for t, n in runs_full if t == video]
+    out, first = [], True
+    for t, n in runs_full:
+        if t != video:
+            out.append(divprune_ext.keep_count(n, ratio))
+        elif first:
+            out.append(divprune_ext.keep_count(sum(frames), ratio))
+            first = False
+    return out
 
 
 def placeholder_runs(ids, placeholder):
-    """(token id, length) of each run of placeholder ids (one run per item in these prompts)."""
+    """(token id, length) of each run of placeholder ids (one run per item in these prompts, but
+    Gemma 3's pan-and-scan crops and Qwen3-VL's video frames)."""
     return [(t, len(list(group))) for t, group in itertools.groupby(ids) if t in placeholder]
 
 
@@ -244,8 +271,8 @@ def test_bad_ratio_is_a_request_error(runs, n):
 
 
 def test_image_embeds_are_pruned_like_pixels(runs):
-    if not has_images(runs.kind):
-        pytest.skip(f"{runs.kind}: vLLM serves no images for it")
+    if not has_images(runs.kind) or runs.kind in NO_IMAGE_EMBEDS:
+        pytest.skip(NO_IMAGE_EMBEDS.get(runs.kind, f"{runs.kind}: vLLM serves no images for it"))
     assert tokens(runs.plugin["embeds"]) == tokens(runs.plugin["r0.5"])[:1]
     assert runs.plugin["embeds"][0]["prompt"] == runs.plugin["r0.5"][0]["prompt"]
 

@@ -16,9 +16,10 @@ import torch
 
 import divprune_ext
 from divprune_ext.vllm.core import OFFSET_INTS, _ratio_bits, grid_positions
-from divprune_ext.vllm.qwen_vl import DivPruneQwen2_5_VL, DivPruneQwen2VL, QwenVLPruning
+from divprune_ext.vllm.qwen_vl import DivPruneQwen2_5_VL, DivPruneQwen2VL, DivPruneQwen3VL, QwenVLPruning
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration
+from vllm.model_executor.models.qwen3_vl import Qwen3VLForConditionalGeneration
 
 MERGE = 2
 
@@ -87,6 +88,73 @@ def test_pruned_prompt_keeps_the_unpruned_positions_of_text(ratio, tail):
     # decoding continues where the unpruned prompt would: the next token's position is the same
     assert len(tokens) + delta == len(full_tokens) + full_delta
     assert len(full_tokens) + full_delta == int(full.max()) + 1
+
+
+# Qwen3-VL: token ids of its config; a video is per frame a timestamp (TS), VS, the frame's tokens, VE.
+Q3 = dict(image_token_id=8, video_token_id=7, vision_start_token_id=5, vision_end_token_id=6)
+TS = 3
+
+
+def qwen3_bare():
+    model = bare(DivPruneQwen3VL)
+    model.config.__dict__.update(Q3)
+    return model
+
+
+def qwen3_prompt(keep, tail=3):
+    """Text, a tall image, text, a 3-frame video (4 x 6 merged a frame), an image right after it, text."""
+    tokens, features = [1, 1], []
+
+    def image(thw):
+        n = thw[1] * thw[2] // MERGE ** 2
+        features.append(feature("image", len(tokens), keep(n), thw))
+        tokens.extend([Q3["image_token_id"]] * keep(n))
+
+    image((1, 8, 4))
+    tokens.extend([1] * 2)
+    frames, per_frame = 3, 4 * 6
+    k = keep(frames * per_frame)
+    counts = [k] + [0] * (frames - 1) if k < frames * per_frame else [per_frame] * frames
+    span = []
+    for count in counts:
+        span += [TS, TS, Q3["vision_start_token_id"]] + [Q3["video_token_id"]] * count + [Q3["vision_end_token_id"]]
+    features.append(feature("video", len(tokens), len(span), (frames, 8, 12)))
+    tokens.extend(span)
+    image((1, 6, 6))
+    return tokens + [1] * tail, features
+
+
+@pytest.mark.parametrize("tail", [3, 0])
+def test_qwen3_vl_unpruned_positions_are_vllms_own(tail):
+    model = qwen3_bare()
+    tokens, features = qwen3_prompt(lambda n: n, tail)
+    ours, our_delta = model.get_mrope_input_positions(tokens, features)
+    theirs, their_delta = Qwen3VLForConditionalGeneration._get_mrope_input_positions(tokens, features, model.config)
+    assert torch.equal(ours, theirs) and our_delta == their_delta
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.1])
+@pytest.mark.parametrize("tail", [3, 0])
+def test_qwen3_vl_pruned_prompt_keeps_the_unpruned_positions_of_text(ratio, tail):
+    """Images and a video (its kept tokens all in the first frame, its timestamps and markers text)."""
+    model = qwen3_bare()
+    full_tokens, full_features = qwen3_prompt(lambda n: n, tail)
+    full, full_delta = model.get_mrope_input_positions(full_tokens, full_features)
+    tokens, features = qwen3_prompt(lambda n: divprune_ext.keep_count(n, ratio), tail)
+    pruned, delta = model.get_mrope_input_positions(tokens, features)
+    assert pruned.shape == (3, len(tokens))
+    placeholder = (Q3["image_token_id"], Q3["video_token_id"])
+    is_text = torch.tensor([t not in placeholder for t in full_tokens])
+    starts = [full[:, f.mm_position.offset] for f in full_features]
+    for f, start in zip(features, starts):  # a pruned item: every token of its span at the span's start
+        span = pruned[:, f.mm_position.offset:f.mm_position.offset + f.mm_position.length]
+        assert torch.equal(span, start[:, None].expand_as(span))
+        tokens[f.mm_position.offset:f.mm_position.offset + f.mm_position.length] = [0] * f.mm_position.length
+    kept_text = torch.tensor([t not in placeholder and t != 0 for t in tokens])
+    video = full_features[1].mm_position
+    is_text[video.offset:video.offset + video.length] = False  # the video's text rides in its rows
+    assert torch.equal(pruned[:, kept_text], full[:, is_text])
+    assert len(tokens) + delta == len(full_tokens) + full_delta == int(full.max()) + 1
 
 
 def test_tall_image_does_not_shift_the_text_after_it():

@@ -3,6 +3,9 @@
     python -m bench.serving                  # a random LLaVA-1.5-shaped model, CPU settings (minutes on 2 cores)
     python -m bench.serving --quick          # smoke run: narrow layers, few repeats
     python -m bench.serving --model llava-hf/llava-1.5-7b-hf          # a real checkpoint, on a GPU
+    python -m bench.serving --family qwen2_vl                         # random Qwen2-VL shape, one 1260x1260
+                                                                      # image a request: 2,025 visual tokens
+    python -m bench.serving --family qwen2_vl --model Qwen/Qwen2-VL-7B-Instruct   # the same images, a real one
 
 Run it from the repository root with the Python that has vLLM and divprune_ext installed (the
 plugin loads through the installed package's entry point). The committed CPU run used
@@ -27,6 +30,13 @@ reused; each repeat runs all ratios, in rotated order, so a busy machine slows t
 tower at 336 px, patch 14 (576 tokens an image), a 2-layer GELU projector and a Llama LLM, widths
 and layer counts below; float32, eager. Writes serving_results.json, serving_summary.md and
 serving.png to --out-dir and prints the table.
+
+--family qwen2_vl: a random Qwen2-VL-shaped checkpoint instead (the vision tower's 14x14 patches
+in full attention per image, merged 2x2 into the LLM's tokens, M-RoPE positions; widths below)
+and one high-resolution image a request, 1260x1260 by default: 90 x 90 patches, 2,025 merged
+visual tokens, all of which the encoder computes at every ratio. The checkpoint's image processor
+takes images up to --image-size unresized (its max_pixels; vLLM's profile run encodes one such
+image), and --max-model-len defaults to the unpruned prompt rounded up to 1024 (at least 4096).
 """
 import argparse
 import datetime
@@ -57,22 +67,41 @@ def _prefer_installed_divprune():
     others = [p for p in sys.path if not is_root(p)]
     if importlib.machinery.PathFinder.find_spec("divprune_ext", others) is not None:
         sys.path[:] = others + [ROOT]
+        # Pythons that vLLM starts with ``-m`` from this directory (its model-registry inspection,
+        # run when its cache of a model class misses) would put the source tree first again.
+        os.environ.setdefault("PYTHONSAFEPATH", "1")
 
 
 _prefer_installed_divprune()
 
 RATIOS = (1.0, 0.25, 0.1)
+FAMILIES = ("llava", "qwen2_vl")
 IMAGE_SIDE, PATCH = 336, 14  # LLaVA-1.5: (336 / 14)^2 = 576 tokens an image
+# Qwen2-VL: 14x14 patches, 2x2 of them merged into one LLM token (28x28 pixels a token).
+QWEN_SIDE, QWEN_QUICK_SIDE, QWEN_PATCH, QWEN_MERGE = 1260, 448, 14, 2  # 1260: 45^2 = 2,025 tokens; 448: 256
 QUESTION = "describe the picture in a few words ."
-# The random checkpoint: CLIP-L width, LLaVA-7B's head_dim and vocabulary, few layers.
+# The random checkpoints. LLaVA: CLIP-L width, LLaVA-7B's head_dim and vocabulary, few layers.
+# Qwen2-VL: Qwen2-VL-2B's LLM width (1536, 12 heads of 128, 2 KV heads, MLP 8960) and vocabulary
+# (untied, as 7B), a vision tower narrowed to 320 (4 heads of 80, Qwen2-VL's head_dim; MLP 4x),
+# 2 + 2 layers. The full-width tower (1280) would take ~10 s an image on one CPU core.
 SHAPES = {
-    "default": dict(vision_hidden=1024, vision_mlp=4096, vision_heads=16, vision_layers=2,
-                    hidden=2048, mlp=5504, heads=16, layers=2, vocab=32064),
-    "quick": dict(vision_hidden=256, vision_mlp=1024, vision_heads=4, vision_layers=1,
-                  hidden=256, mlp=688, heads=4, layers=1, vocab=32064),
+    "llava": {
+        "default": dict(vision_hidden=1024, vision_mlp=4096, vision_heads=16, vision_layers=2,
+                        hidden=2048, mlp=5504, heads=16, layers=2, vocab=32064),
+        "quick": dict(vision_hidden=256, vision_mlp=1024, vision_heads=4, vision_layers=1,
+                      hidden=256, mlp=688, heads=4, layers=1, vocab=32064),
+    },
+    "qwen2_vl": {
+        "default": dict(vision_hidden=320, vision_mlp=1280, vision_heads=4, vision_layers=2,
+                        hidden=1536, mlp=8960, heads=12, kv_heads=2, layers=2, vocab=151936),
+        "quick": dict(vision_hidden=64, vision_mlp=256, vision_heads=2, vision_layers=1,
+                      hidden=256, mlp=1024, heads=4, kv_heads=2, layers=1, vocab=151936),
+    },
 }
-# (local random model, --model) defaults of the repeat counts
+# (local random model, --model) defaults of the repeat counts; Qwen2-VL's random model: fewer,
+# larger requests (thousands of tokens each).
 DEFAULTS = {"warmup": (1, 2), "ttft_reps": (5, 10), "batch": (8, 64), "batch_reps": (3, 3), "output_tokens": (8, 8)}
+DEFAULTS_QWEN_RANDOM = {"batch": 4}
 QUICK = {"warmup": 1, "ttft_reps": 2, "batch": 2, "batch_reps": 1, "output_tokens": 4}
 
 
@@ -80,27 +109,36 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None,
-                   help="a real checkpoint (hub id or folder) instead of the random LLaVA-1.5-shaped one")
+                   help="a real checkpoint (hub id or folder) instead of the random one of --family")
+    p.add_argument("--family", choices=FAMILIES, default="llava",
+                   help="llava: random LLaVA-1.5 shape, 336x336 images (576 tokens); qwen2_vl: random Qwen2-VL "
+                        "shape, 1260x1260 images (2,025 tokens; --quick: 448x448, 256). With --model: only "
+                        "the default image size")
     p.add_argument("--ratios", default=",".join(map(str, RATIOS)), help="comma list of keep ratios in (0, 1]")
     p.add_argument("--quick", action="store_true", help="smoke run: narrow random model, few repeats")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed single requests per ratio (1; --model: 2), then one untimed batch per ratio (0: none)")
     p.add_argument("--ttft-reps", type=int, default=None, help="timed single requests per ratio (5; --model: 10)")
-    p.add_argument("--batch", type=int, default=None, help="requests in the throughput batch (8; --model: 64)")
+    p.add_argument("--batch", type=int, default=None, help="requests in the throughput batch (8; random qwen2_vl: 4; --model: 64)")
     p.add_argument("--batch-reps", type=int, default=None, help="timed batches per ratio (3)")
     p.add_argument("--output-tokens", type=int, default=None, help="tokens each batch request generates (8)")
-    p.add_argument("--image-size", default=f"{IMAGE_SIDE}x{IMAGE_SIDE}", help="HxW of the input images")
+    p.add_argument("--image-size", default=None,
+                   help=f"HxW of the input images (llava: {IMAGE_SIDE}x{IMAGE_SIDE}; qwen2_vl: "
+                        f"{QWEN_SIDE}x{QWEN_SIDE}, --quick {QWEN_QUICK_SIDE}x{QWEN_QUICK_SIDE})")
     p.add_argument("--dtype", default=None, help="engine dtype (random model: float32; --model: auto)")
     p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
                    help="no CUDA graphs / compilation (random model: on; --model: vLLM's default, off)")
-    p.add_argument("--max-model-len", type=int, default=None, help="(random model: 1024; --model: the checkpoint's)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="(random llava: 1024; random qwen2_vl: the unpruned prompt rounded up to 1024, at least "
+                        "4096; --model: the checkpoint's)")
     p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="more vllm.LLM arguments, VALUE parsed as JSON if it parses "
                         "(e.g. gpu_memory_utilization=0.9, tensor_parallel_size=2); repeatable")
-    p.add_argument("--vision-layers", type=int, default=None, help="random model: CLIP layers (2)")
+    p.add_argument("--vision-layers", type=int, default=None, help="random model: vision tower layers (2)")
     p.add_argument("--llm-layers", type=int, default=None, help="random model: LLM layers (2)")
     p.add_argument("--llm-hidden", type=int, default=None,
-                   help="random model: LLM width (2048; MLP 2.6875x, heads of 128, as LLaVA-7B)")
+                   help="random model: LLM width (llava: 2048, MLP 2.6875x, heads of 128, as LLaVA-7B; "
+                        "qwen2_vl: 1536, MLP 5.83x, heads of 128, 2 KV heads, as Qwen2-VL-2B)")
     p.add_argument("--out-dir", default=os.path.join("bench", "out", "serving"))
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
@@ -110,6 +148,9 @@ def parse_args(argv=None):
         p.error(f"--ratios: not a comma list of numbers: {args.ratios!r}")
     if not args.ratios or not all(0.0 < r <= 1.0 for r in args.ratios):
         p.error(f"--ratios must be numbers in (0, 1], got {args.ratios}")
+    if args.image_size is None:
+        side = IMAGE_SIDE if args.family == "llava" else QWEN_QUICK_SIDE if args.quick else QWEN_SIDE
+        args.image_size = f"{side}x{side}"
     try:
         args.image_size = tuple(int(v) for v in args.image_size.lower().split("x"))
         assert len(args.image_size) == 2 and min(args.image_size) > 0
@@ -118,7 +159,12 @@ def parse_args(argv=None):
     real = args.model is not None
     for key, pair in DEFAULTS.items():
         if getattr(args, key) is None:
-            setattr(args, key, QUICK[key] if args.quick else pair[real])
+            if args.quick:
+                setattr(args, key, QUICK[key])
+            elif args.family == "qwen2_vl" and not real and key in DEFAULTS_QWEN_RANDOM:
+                setattr(args, key, DEFAULTS_QWEN_RANDOM[key])
+            else:
+                setattr(args, key, pair[real])
     if args.ttft_reps < 1 or args.batch < 1 or args.batch_reps < 1 or args.output_tokens < 1 or args.warmup < 0:
         p.error("--ttft-reps, --batch, --batch-reps and --output-tokens must be >= 1, --warmup >= 0")
     extra = {}
@@ -138,17 +184,43 @@ def parse_args(argv=None):
 # The random checkpoint
 # ---------------------------------------------------------------------------------------------
 def model_shape(args) -> dict:
-    shape = dict(SHAPES["quick" if args.quick else "default"])
+    shape = dict(SHAPES[args.family]["quick" if args.quick else "default"])
     if args.vision_layers:
         shape["vision_layers"] = args.vision_layers
     if args.llm_layers:
         shape["layers"] = args.llm_layers
     if args.llm_hidden:
-        if args.llm_hidden % 64:
-            raise SystemExit(f"--llm-hidden must be a multiple of 64, got {args.llm_hidden}")
-        shape.update(hidden=args.llm_hidden, mlp=int(args.llm_hidden * 2.6875) // 16 * 16,
-                     heads=max(1, args.llm_hidden // 128))
+        if args.llm_hidden % (64 if args.family == "llava" else 128):
+            raise SystemExit(f"--llm-hidden must be a multiple of {64 if args.family == 'llava' else 128}, "
+                             f"got {args.llm_hidden}")
+        if args.family == "llava":
+            shape.update(hidden=args.llm_hidden, mlp=int(args.llm_hidden * 2.6875) // 16 * 16,
+                         heads=max(1, args.llm_hidden // 128))
+        else:
+            heads = args.llm_hidden // 128
+            shape.update(hidden=args.llm_hidden, mlp=int(args.llm_hidden * 35 / 6) // 64 * 64, heads=heads,
+                         kv_heads=2 if heads % 2 == 0 else 1)
     return shape
+
+
+def qwen_grid(size) -> tuple:
+    """The merged-token grid (rows, columns) the Qwen2-VL image processor gives an image of ``size``
+    (HxW) when it is within min / max_pixels: each side rounded to a multiple of 28."""
+    unit = QWEN_PATCH * QWEN_MERGE
+    return tuple(max(1, round(v / unit)) for v in size)
+
+
+def describe_shape(family: str, shape: dict, image_size) -> str:
+    if family == "llava":
+        return (f"random LLaVA-1.5 shape: CLIP {shape['vision_layers']} x {shape['vision_hidden']} at {IMAGE_SIDE} "
+                f"px / patch {PATCH}, LLM {shape['layers']} x {shape['hidden']} (heads of "
+                f"{shape['hidden'] // shape['heads']}), vocabulary {shape['vocab']:,}")
+    rows, cols = qwen_grid(image_size)
+    return (f"random Qwen2-VL shape: vision {shape['vision_layers']} x {shape['vision_hidden']} (heads of "
+            f"{shape['vision_hidden'] // shape['vision_heads']}), patch {QWEN_PATCH} merged {QWEN_MERGE}x{QWEN_MERGE}, "
+            f"{image_size[0]}x{image_size[1]} images = {rows * QWEN_MERGE} x {cols * QWEN_MERGE} patches, "
+            f"{rows * cols:,} tokens; LLM {shape['layers']} x {shape['hidden']} ({shape['heads']} heads of "
+            f"{shape['hidden'] // shape['heads']}, {shape['kv_heads']} KV heads), vocabulary {shape['vocab']:,}")
 
 
 def build_llava(directory: str, shape: dict) -> str:
@@ -189,6 +261,58 @@ def build_llava(directory: str, shape: dict) -> str:
     processor.save_pretrained(directory)
     checkpoints._rename(directory, checkpoints.RENAMES["llava"])  # vision_tower.vision_model.*, as vLLM loads
     return directory
+
+
+def build_qwen2_vl(directory: str, shape: dict, image_size) -> str:
+    """A random Qwen2-VL-shaped checkpoint with its processor, saved as vLLM loads it. Tokenizer,
+    chat template and special tokens are the vLLM tests' (python_tests/vllm/checkpoints.py ``_qwen``);
+    the image processor takes images up to ``image_size`` without shrinking them (max_pixels)."""
+    import torch
+    import transformers
+
+    from python_tests.vllm import checkpoints
+
+    tok = checkpoints.tokenizer(checkpoints.QWEN_SPECIAL, checkpoints.QWEN_TEMPLATE, pad_token="<|endoftext|>",
+                                eos_token="<|im_end|>")
+    ids = dict(image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+               video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+               vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+               vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"))
+    head_dim = shape["hidden"] // shape["heads"]
+    # M-RoPE: the rotary half-dimension split over (t, h, w) as Qwen2-VL's [16, 24, 24] of 64
+    mrope = [head_dim // 8, head_dim * 3 // 16, head_dim // 2 - head_dim // 8 - head_dim * 3 // 16]
+    text = dict(hidden_size=shape["hidden"], intermediate_size=shape["mlp"], num_hidden_layers=shape["layers"],
+                num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
+                vocab_size=max(shape["vocab"], len(tok)), max_position_embeddings=32768,
+                pad_token_id=tok.pad_token_id, bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                rope_parameters={"rope_type": "default", "mrope_section": mrope, "rope_theta": 1000000.0})
+    vision = dict(depth=shape["vision_layers"], embed_dim=shape["vision_hidden"], hidden_size=shape["hidden"],
+                  mlp_ratio=shape["vision_mlp"] // shape["vision_hidden"], num_heads=shape["vision_heads"],
+                  patch_size=QWEN_PATCH, spatial_merge_size=QWEN_MERGE, temporal_patch_size=2)
+    config = transformers.Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+    torch.manual_seed(0)
+    model = transformers.Qwen2VLForConditionalGeneration(config).float().eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = tok.pad_token_id
+    unit = QWEN_PATCH * QWEN_MERGE
+    rows, cols = qwen_grid(image_size)
+    size = {"shortest_edge": 4 * unit * unit, "longest_edge": rows * cols * unit * unit}  # min / max_pixels
+    kwargs = dict(size=size, patch_size=QWEN_PATCH, merge_size=QWEN_MERGE, temporal_patch_size=2)
+    processor = transformers.Qwen2VLProcessor(
+        image_processor=transformers.Qwen2VLImageProcessor(**kwargs), tokenizer=tok,
+        video_processor=transformers.Qwen2VLVideoProcessor(**kwargs, do_sample_frames=False),
+        chat_template=checkpoints.QWEN_TEMPLATE)
+    os.makedirs(directory, exist_ok=True)
+    model.save_pretrained(directory, safe_serialization=True)
+    del model
+    processor.save_pretrained(directory)
+    return directory
+
+
+def build(args, directory: str) -> str:
+    if args.family == "llava":
+        return build_llava(os.path.join(directory, "llava"), model_shape(args))
+    return build_qwen2_vl(os.path.join(directory, "qwen2_vl"), model_shape(args), args.image_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,13 +375,23 @@ def say(message: str):
     print(f"[serving {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def default_max_model_len(args):
+    if args.model is not None:
+        return None
+    if args.family == "llava":
+        return 1024
+    rows, cols = qwen_grid(args.image_size)
+    return max(4096, -(-(rows * cols + 64 + args.output_tokens) // 1024) * 1024)
+
+
 def engine_kwargs(args) -> dict:
     real = args.model is not None
-    kwargs = dict(dtype=args.dtype or ("auto" if real else "float32"), seed=0, limit_mm_per_prompt={"image": 1})
+    limits = {"image": 1} if args.family == "llava" else {"image": 1, "video": 0}  # no video profile run
+    kwargs = dict(dtype=args.dtype or ("auto" if real else "float32"), seed=0, limit_mm_per_prompt=limits)
     eager = args.enforce_eager if args.enforce_eager is not None else (None if real else True)
     if eager is not None:
         kwargs["enforce_eager"] = eager
-    max_len = args.max_model_len or (None if real else 1024)
+    max_len = args.max_model_len or default_max_model_len(args)
     if max_len:
         kwargs["max_model_len"] = max_len
     kwargs.update(args.engine_arg)
@@ -344,7 +478,9 @@ def _measure(args, llm, kwargs, startup_s) -> dict:
             row["expected_visual_tokens"] = divprune_ext.keep_count(full["visual_tokens"], r)
     result = {
         "environment": environment(args),
-        "model": {"path": args.model or "random LLaVA-1.5 shape (built locally)",
+        "model": {"path": args.model or {"llava": "random LLaVA-1.5 shape (built locally)",
+                                         "qwen2_vl": "random Qwen2-VL shape (built locally)"}[args.family],
+                  "family": args.family,
                   "shape": None if args.model else model_shape(args),
                   "architecture": (getattr(hf_config, "architectures", None) or [None])[0]},
         "engine": {**{k: v for k, v in kwargs.items()}, "startup_s": round(startup_s, 1),
@@ -415,9 +551,7 @@ def markdown(result: dict) -> str:
     env, model = result["environment"], result["model"]
     shape = model["shape"]
     if shape:
-        what = (f"random LLaVA-1.5 shape: CLIP {shape['vision_layers']} x {shape['vision_hidden']} at {IMAGE_SIDE} "
-                f"px / patch {PATCH}, LLM {shape['layers']} x {shape['hidden']} (heads of "
-                f"{shape['hidden'] // shape['heads']}), vocabulary {shape['vocab']:,}")
+        what = describe_shape(model.get("family", "llava"), shape, s["image_size"])
     else:
         what = model["path"]
     loads = result["load_1_5_15"]
@@ -471,7 +605,13 @@ def plot(result: dict, path: str):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("keep ratio")
         ax.margins(y=0.15)
-    name = result["model"]["path"] if not result["model"]["shape"] else "random LLaVA-1.5 shape (576 tokens an image)"
+    if not result["model"]["shape"]:
+        name = result["model"]["path"]
+    elif result["model"].get("family", "llava") == "llava":
+        name = "random LLaVA-1.5 shape (576 tokens an image)"
+    else:
+        name = (f"random Qwen2-VL shape ({s['image_size'][0]}x{s['image_size'][1]} images, "
+                f"{max(r['visual_tokens'] for r in rows):,} tokens)")
     fig.suptitle(f"DivPrune in vLLM {result['environment']['vllm']}: {name}, {result['environment']['device']}",
                  fontsize=10)
     fig.tight_layout()
@@ -490,8 +630,8 @@ def main(argv=None):
         if args.model:
             path = args.model
         else:
-            say(f"building the random checkpoint ({model_shape(args)})")
-            path = build_llava(os.path.join(tmp, "llava"), model_shape(args))
+            say(f"building the random {args.family} checkpoint ({model_shape(args)})")
+            path = build(args, tmp)
         result = measure(args, path)
     result["run_s"] = round(time.perf_counter() - started, 1)
     with open(os.path.join(args.out_dir, "serving_results.json"), "w") as f:

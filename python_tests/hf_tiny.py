@@ -28,7 +28,9 @@ SIDE, PATCH = 28, 7  # 28x28 pixels, 7x7 patches: 16 patches per image tile
 GRID = [[28, 28], [28, 56], [56, 28], [56, 56]]
 SIZES = [[28, 56], [56, 56], [56, 28]]  # image sizes, cycled: different tilings and unpadding
 FRAMES = 4
-QWEN_KINDS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+INTERNVL_TILE_TOKENS = 4
+INTERNVL_TILES = [1, 3]  # tiles of image n, cycled (a 2-tile image + its thumbnail: 3)
+QWEN_KINDS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
 QWEN_PATCH = 3 * 2 * 2 * 2  # Qwen pixel values per patch: channels x temporal patch x patch x patch
 # The tensors with one value per token that a batch may hold.
 PER_TOKEN = ("input_ids", "attention_mask", "labels", "token_type_ids", "mm_token_type_ids")
@@ -88,6 +90,11 @@ def _qwen(kind: str):
     text["rope_parameters"]["mrope_interleaved"] = True
     vision.update(hidden_size=16, intermediate_size=32, out_hidden_size=32, num_position_embeddings=64,
                   deepstack_visual_indexes=[0, 1])
+    if kind == "qwen3_vl_moe":  # the same model but the text MLP: 4 experts, 2 a token
+        text.update(moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2)
+        config = transformers.Qwen3VLMoeConfig(text_config=text, vision_config=vision, **ids)
+        # the default grouped expert matmul has no float64 CPU kernel
+        return transformers.Qwen3VLMoeForConditionalGeneration._from_config(config, experts_implementation="eager")
     return transformers.Qwen3VLForConditionalGeneration(
         transformers.Qwen3VLConfig(text_config=text, vision_config=vision, **ids))
 
@@ -113,6 +120,13 @@ def build(kind: str):
             vision_config=_siglip(), text_config=transformers.Qwen2Config(**_text()).to_dict(),
             image_token_id=IMAGE, video_token_id=VIDEO, image_grid_pinpoints=GRID)
         return _finish(transformers.LlavaOnevisionForConditionalGeneration(config))
+    if kind == "internvl":  # 28x28 tiles in 7x7 patches: 16 patches, pixel-shuffled to 4 tokens a tile
+        vision = transformers.InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                   num_attention_heads=4, image_size=SIDE, patch_size=PATCH)
+        config = transformers.InternVLConfig(vision_config=vision.to_dict(),
+                                             text_config=transformers.Qwen2Config(**_text()).to_dict(),
+                                             image_token_id=IMAGE, image_seq_length=INTERNVL_TILE_TOKENS)
+        return _finish(transformers.InternVLForConditionalGeneration(config))
     if kind == "gemma3":
         text = transformers.Gemma3TextConfig(**_text(head_dim=8, query_pre_attn_scalar=8, sliding_window=12,
                                                      sliding_window_pattern=2))
@@ -133,6 +147,9 @@ def _pixels(kind: str, images: int, video: bool, g: torch.Generator) -> Dict[str
     pixels = {}
     if images and kind in ("llava", "gemma3"):
         pixels["pixel_values"] = torch.randn(images, 3, SIDE, SIDE, generator=g, dtype=torch.float64)
+    elif images and kind == "internvl":  # every image's tiles, image after image
+        tiles = sum(INTERNVL_TILES[n % len(INTERNVL_TILES)] for n in range(images))
+        pixels["pixel_values"] = torch.randn(tiles, 3, SIDE, SIDE, generator=g, dtype=torch.float64)
     elif images:  # anyres: (images, tiles, 3, h, w) + each image's size; a 56x56 image has 1 + 2x2 tiles
         pixels["pixel_values"] = torch.randn(images, 5, 3, SIDE, SIDE, generator=g, dtype=torch.float64)
         pixels["image_sizes"] = torch.tensor([SIZES[n % len(SIZES)] for n in range(images)])
@@ -145,17 +162,21 @@ def _pixels(kind: str, images: int, video: bool, g: torch.Generator) -> Dict[str
 
 def row(model, kind: str, images: int = 1, video: bool = False, seed: int = 0) -> Row:
     """A prompt: 3 text tokens, then each image's (then the video's) placeholders followed by 2 text
-    tokens; Gemma 3 wraps each image in begin / end-of-image tokens and marks it in token_type_ids."""
+    tokens; Gemma 3 and InternVL wrap each image in begin / end-of-image tokens, Gemma 3 marks it in
+    token_type_ids."""
     g = torch.Generator().manual_seed(seed)
     pixels = _pixels(kind, images, video, g)
-    counts = [(v.token_id, len(v.features)) for v in hf.visual_features(model, **pixels)]
+    if kind == "internvl":  # its images are found in input_ids: counted here as its processor counts them
+        counts = [(IMAGE, INTERNVL_TILES[n % len(INTERNVL_TILES)] * INTERNVL_TILE_TOKENS) for n in range(images)]
+    else:
+        counts = [(v.token_id, len(v.features)) for v in hf.visual_features(model, **pixels)]
 
     def text(n):
         return torch.randint(1, 90, (n,), generator=g).tolist()
 
     ids, items = text(3), []
     for token, count in counts:
-        opening, closing = ([BOI], [EOI]) if kind == "gemma3" else ([], [])
+        opening, closing = ([BOI], [EOI]) if kind in ("gemma3", "internvl") else ([], [])
         ids += opening
         items.append((len(ids), count))
         ids += [token] * count + closing + text(2)
@@ -196,7 +217,7 @@ def qwen_batch(model, rows: Sequence[Sequence[tuple]], seeds: Optional[Sequence[
     the same prompt with the same pixels. Qwen3-VL writes each video frame as its own placeholder
     run after a timestamp, the others a video as one run."""
     seeds = list(range(len(rows))) if seeds is None else seeds
-    frames_apart = isinstance(model, transformers.Qwen3VLForConditionalGeneration)
+    frames_apart = type(model).__name__.startswith("Qwen3VL")
     prompts, pixels, grids = [], {"image": [], "video": []}, {"image": [], "video": []}
     for items, seed in zip(rows, seeds):
         g = torch.Generator().manual_seed(seed)
@@ -246,6 +267,7 @@ FAMILIES: Dict[str, Family] = {
     "llava_next_video": Family("llava_next_video", video=True),
     "onevision": Family("onevision", video=True),
     "gemma3": Family("gemma3", needs_encoder_outputs=True),
+    "internvl": Family("internvl"),
 }
 # mm_encoder_outputs (pre-encoded visual features; Gemma 3 and Qwen3-VL need it) came with transformers 5.18.
 HAS_ENCODER_OUTPUTS = "mm_encoder_outputs" in inspect.signature(transformers.Gemma3Model.forward).parameters

@@ -13,8 +13,9 @@ transformers = pytest.importorskip("transformers", reason="hf extra: pip install
 import divprune_ext  # noqa: E402
 import divprune_ext.hf as hf  # noqa: E402
 from divprune_ext.hf import core  # noqa: E402
-from hf_tiny import (FAMILIES, HAS_ENCODER_OUTPUTS, IMAGE, HostReads, build, check_padding_sides,  # noqa: E402,F401
-                     collate, llm_inputs, new_tokens, one_thread, row, with_positions)  # (one_thread: autouse)
+from hf_tiny import (FAMILIES, HAS_ENCODER_OUTPUTS, IMAGE, QWEN_KINDS, HostReads, build,  # noqa: E402,F401
+                     check_padding_sides, collate, llm_inputs, new_tokens, one_thread, row,
+                     with_positions)  # (one_thread: autouse)
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -179,7 +180,8 @@ def test_one_host_read_outside_the_models_own_code(kind, monkeypatch):
 def test_errors():
     model = build("llava")
     _, inputs, items = batch_for(model, FAMILIES["llava"])
-    with pytest.raises(TypeError, match="supports Gemma3ForConditionalGeneration, LlavaForConditionalGeneration, "
+    with pytest.raises(TypeError, match="supports Gemma3ForConditionalGeneration, InternVLForConditionalGeneration, "
+                                        "LlavaForConditionalGeneration, "
                                         ".*LlavaOnevisionForConditionalGeneration.*; got Linear"):
         hf.prune_inputs(torch.nn.Linear(2, 2), **inputs)
     for bad in (0, 1.5, float("nan")):
@@ -202,6 +204,26 @@ def test_errors():
     with pytest.raises(ValueError, match="visual item 1 with token id 99 .16 tokens. spans several prompts: its row "
                                          "has 1 placeholders left"):
         hf.prune_inputs(model, **dict(inputs, input_ids=moved))
+
+
+@pytest.mark.parametrize("kind", list(FAMILIES) + QWEN_KINDS)
+def test_placeholders_without_their_pixels_are_an_error(kind):
+    """The unpruned model would read such placeholders as text (no error): almost always a missing input."""
+    if kind.startswith(("gemma3", "qwen3")) and not HAS_ENCODER_OUTPUTS:
+        pytest.skip("needs transformers >= 5.18")
+    model = build(kind)
+    checked = 0
+    for modality, key in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+        token = getattr(model.config, f"{modality}_token_id", None)
+        token = getattr(model.config, f"{modality}_token_index", None) if token is None else token
+        if token is None:
+            continue
+        with pytest.raises(ValueError, match=f"placeholder tokens with id {token} but no {key}"):
+            hf.prune_inputs(model, input_ids=torch.tensor([[1, 2] + [token] * 4 + [3]]), keep_ratio=0.5)
+        checked += 1
+    assert checked == (2 if kind not in ("llava", "llava_next", "gemma3", "internvl") else 1)
+    text = torch.tensor([[1, 2, 3]])  # no placeholders, no pixels: a text prompt goes through
+    assert torch.equal(hf.prune_inputs(model, input_ids=text, keep_ratio=0.5)["attention_mask"], torch.ones_like(text))
 
 
 @pytest.mark.skipif(HAS_ENCODER_OUTPUTS, reason="transformers >= 5.18 runs Gemma 3 pruned")

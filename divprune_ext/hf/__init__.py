@@ -14,18 +14,21 @@ What comes back, per family (``SUPPORTED_MODELS`` lists the classes):
 
 - LLaVA-1.5, LLaVA-NeXT, LLaVA-NeXT-Video, LLaVA-OneVision (``hf/llava.py``):
   ``inputs_embeds``, contiguous positions; ``generate()`` returns only the new tokens.
+- InternVL 3 / 3.5 (``hf/internvl.py``): as LLaVA; each image is all its tiles.
 - Gemma 3 (``hf/gemma3.py``, transformers >= 5.18): pruned ``input_ids`` +
   ``mm_encoder_outputs`` + ``token_type_ids``, contiguous positions; ``generate()``
   returns the pruned prompt followed by the new tokens.
-- Qwen2-VL, Qwen2.5-VL, Qwen3-VL (``hf/qwen_vl.py``): the original multimodal RoPE
+- Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE (``hf/qwen_vl.py``): the original multimodal RoPE
   positions as ``position_ids``; see that module for what each returns.
 
 ``attention_mask`` and any ``labels``, ``token_type_ids``, ``mm_token_type_ids`` passed in
 come back shortened with the tokens and re-padded on the side the input was padded, so
-batched left-padded generation works. Adding a family: see ``divprune_ext.hf.core``.
+batched left-padded generation works. Placeholder tokens without the pixels that fill them
+are a ``ValueError`` (the unpruned model would read them as text). Adding a family: see
+``divprune_ext.hf.core``.
 """
 from . import core
-from . import gemma3, llava, qwen_vl  # noqa: F401  (importing a family module registers its adapters)
+from . import gemma3, internvl, llava, qwen_vl  # noqa: F401  (importing a family module registers its adapters)
 from .core import Visual, prune_inputs, visual_features
 
 SUPPORTED_MODELS = core.supported_models()

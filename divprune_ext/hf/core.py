@@ -97,11 +97,12 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
+import torch.nn.functional as F
 
 import divprune_ext
 
 __all__ = ["Adapter", "Visual", "Kept", "PrunedBatch", "register", "prune_inputs", "visual_features",
-           "supported_models", "require_encoder_outputs", "PER_TOKEN_PAD"]
+           "supported_models", "require_encoder_outputs", "token_runs", "PER_TOKEN_PAD"]
 
 # Per-token inputs the core gathers with the kept tokens, and the value padding gets.
 PER_TOKEN_PAD = {"labels": -100, "token_type_ids": 0, "mm_token_type_ids": 0}
@@ -145,6 +146,18 @@ class Adapter:
 
     def position_ids(self, model, inputs: Dict[str, Any]) -> Optional[torch.Tensor]:
         return None
+
+    def placeholders(self, model) -> Dict[int, str]:
+        """Placeholder id -> the input that carries its features: the config's image (``pixel_values``)
+        and video (``pixel_values_videos``) token ids. Placeholders whose input is missing are an error."""
+        found = {}
+        for modality, key in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+            for name in (f"{modality}_token_id", f"{modality}_token_index"):
+                value = getattr(model.config, name, None)
+                if isinstance(value, int):
+                    found[value] = key
+                    break
+        return found
 
     def outputs(self, model, batch: "PrunedBatch") -> Dict[str, Any]:
         return {"inputs_embeds": batch.inputs_embeds(model)}
@@ -217,6 +230,16 @@ def _select(visuals: Sequence[Visual], keep_ratio: float, order: str) -> List[Ke
     return [Kept(v, p) for v, p in zip(visuals, picks)]
 
 
+def token_runs(types: torch.Tensor) -> List[Tuple[int, int, int]]:
+    """(row, value, length) of each run of one nonzero value in a (B, L) tensor, row-major: one
+    ``nonzero`` and one read."""
+    padded = F.pad(types, (1, 1))
+    starts = (padded.diff(dim=1) != 0).nonzero()  # (row, column): a run of padded[row, column + 1] starts
+    found = torch.cat([starts, padded[starts[:, 0], starts[:, 1] + 1].unsqueeze(1)], dim=1).tolist()
+    return [(row, value, end - start) for (row, start, value), (next_row, end, _) in zip(found, found[1:])
+            if value and next_row == row]
+
+
 @dataclass
 class _Layout:
     """What the core's one host read decides, before anything is selected."""
@@ -226,13 +249,22 @@ class _Layout:
 
 
 def _layout(inputs: Dict[str, Any], visuals: Sequence[Visual], keep_ratio: float,
-            padding_side: Optional[str]) -> _Layout:
-    """Checks the placeholders against the Visuals and sizes the pruned batch: the one host read."""
+            padding_side: Optional[str], expected: Dict[int, str]) -> _Layout:
+    """Checks the placeholders against the Visuals and sizes the pruned batch: the one host read.
+    ``expected``: the family's placeholder ids and the inputs that carry their features."""
     input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
     placeholders = {t: input_ids == t for t in dict.fromkeys(v.token_id for v in visuals)}
-    # The one host read: real tokens per row, rows starting with padding, placeholders per row and id.
+    unfed = {t: key for t, key in expected.items() if t not in placeholders}
+    # The one host read: real tokens per row, rows starting with padding, placeholders per row and id
+    # (also of the ids no Visual feeds, which must not occur).
     counts = torch.stack([attention_mask.sum(1), attention_mask[:, 0] == 0]
-                         + [mask.sum(1) for mask in placeholders.values()]).tolist()
+                         + [mask.sum(1) for mask in placeholders.values()]
+                         + [(input_ids == t).sum(1) for t in unfed]).tolist()
+    for (t, key), per_row in zip(unfed.items(), counts[2 + len(placeholders):]):
+        if sum(per_row):
+            raise ValueError(f"input_ids holds {sum(per_row)} placeholder tokens with id {t} but no {key} "
+                             f"(or it makes no features): the unpruned model would read them as text")
+    counts = counts[:2 + len(placeholders)]
     real, starts_padded = counts[0], counts[1]
     lengths = list(real)
     for t, per_row in zip(placeholders, counts[2:]):
@@ -402,7 +434,7 @@ def prune_inputs(model, input_ids: torch.Tensor, attention_mask: Optional[torch.
     inputs = _given(adapter, {"input_ids": input_ids, "attention_mask": attention_mask, **inputs})
     adapter.check(model)
     visuals = adapter.visual(model, inputs)
-    layout = _layout(inputs, visuals, keep_ratio, padding_side)  # the host read; checks the placeholders
+    layout = _layout(inputs, visuals, keep_ratio, padding_side, adapter.placeholders(model))  # the host read
     positions = adapter.position_ids(model, inputs)
     batch = PrunedBatch(model, inputs, _select(visuals, keep_ratio, order), positions, layout)
 

@@ -1,7 +1,9 @@
 """Adapters for Qwen2-VL, Qwen2.5-VL and Qwen3-VL: images and videos, any number per prompt.
 
 Classes: ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``
-(transformers 5.17 and newer) and ``Qwen3VLForConditionalGeneration`` (5.18 and newer).
+(transformers 5.17 and newer), ``Qwen3VLForConditionalGeneration`` and its mixture-of-experts
+variant ``Qwen3VLMoeForConditionalGeneration`` (5.18 and newer; the same vision and multimodal
+code, only the LLM's MLP differs).
 Pass what the processor returns (``input_ids``, ``attention_mask``, ``pixel_values``,
 ``image_grid_thw``, ``pixel_values_videos``, ``video_grid_thw``, ``mm_token_type_ids``, and
 for Qwen2.5-VL ``second_per_grid_ts``)::
@@ -76,12 +78,11 @@ together), a ``nonzero`` and one read for the placeholder runs (both modalities 
 and, when ``mm_token_type_ids`` is given, one read of whether it agrees with ``input_ids``.
 """
 from itertools import islice
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from .core import Adapter, Visual, register, require_encoder_outputs
+from .core import Adapter, Visual, register, require_encoder_outputs, token_runs
 
 _TYPE = {"image": 1, "video": 2}  # mm_token_type_ids, as the processors write them
 _KEYS = {"image": ("pixel_values", "image_grid_thw"), "video": ("pixel_values_videos", "video_grid_thw")}
@@ -92,16 +93,6 @@ def _per_item(values, sizes: Sequence[int]) -> List[torch.Tensor]:
     if isinstance(values, torch.Tensor):
         return list(torch.split(values, list(sizes)))
     return list(values)
-
-
-def _runs(types: torch.Tensor) -> List[Tuple[int, int, int]]:
-    """(row, value, length) of each run of one nonzero value in a (B, L) tensor, row-major: one
-    ``nonzero`` and one read."""
-    padded = F.pad(types, (1, 1))
-    starts = (padded.diff(dim=1) != 0).nonzero()  # (row, column): a run of padded[row, column + 1] starts
-    found = torch.cat([starts, padded[starts[:, 0], starts[:, 1] + 1].unsqueeze(1)], dim=1).tolist()
-    return [(row, value, end - start) for (row, start, value), (next_row, end, _) in zip(found, found[1:])
-            if value and next_row == row]
 
 
 class _QwenVL(Adapter):
@@ -165,7 +156,7 @@ class _QwenVL(Adapter):
         grids = {m: self._grid(inputs, m) for m, (pixels, _) in _KEYS.items() if pixels in inputs}
         read = iter(torch.cat(list(grids.values())).tolist() if grids else [])  # one read for both modalities
         items = {modality: list(islice(read, len(grid))) for modality, grid in grids.items()}
-        runs = _runs(types.masked_fill(~inputs["attention_mask"].bool(), 0))
+        runs = token_runs(types.masked_fill(~inputs["attention_mask"].bool(), 0))
         for modality, value in _TYPE.items():
             token, grid_key = getattr(model.config, f"{modality}_token_id"), _KEYS[modality][1]
             thw = items.get(modality, [])
@@ -204,7 +195,7 @@ class Qwen2_5_VL(_QwenVL):
 
 @register
 class Qwen3VL(_QwenVL):
-    models = ("Qwen3VLForConditionalGeneration",)
+    models = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")  # MoE: the text MLP only
     frames_apart = True
 
     def check(self, model):

@@ -127,6 +127,14 @@ def build(kind: str):
                                              text_config=transformers.Qwen2Config(**_text()).to_dict(),
                                              image_token_id=IMAGE, image_seq_length=INTERNVL_TILE_TOKENS)
         return _finish(transformers.InternVLForConditionalGeneration(config))
+    if kind == "mistral3":  # Pixtral tower: 7x7 patches merged 2x2, one token per 14x14 pixels
+        vision = transformers.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                  num_attention_heads=4, head_dim=8, image_size=2 * SIDE,
+                                                  patch_size=PATCH)
+        config = transformers.Mistral3Config(vision_config=vision.to_dict(),
+                                             text_config=transformers.MistralConfig(**_text()).to_dict(),
+                                             image_token_id=IMAGE, spatial_merge_size=2, vision_feature_layer=-1)
+        return _finish(transformers.Mistral3ForConditionalGeneration(config))
     if kind == "gemma3":
         text = transformers.Gemma3TextConfig(**_text(head_dim=8, query_pre_attn_scalar=8, sliding_window=12,
                                                      sliding_window_pattern=2))
@@ -138,7 +146,8 @@ def build(kind: str):
 
 @dataclass
 class Row:
-    """One prompt: the processor's outputs for it and the (start, count) of each visual item."""
+    """One prompt: the processor's outputs for it and the (start, count) of each visual item: its
+    ``count`` placeholders are the first ones from ``start`` on (Mistral 3 puts row breaks between)."""
     inputs: Dict[str, torch.Tensor]
     items: List[Tuple[int, int]] = field(default_factory=list)
 
@@ -147,6 +156,9 @@ def _pixels(kind: str, images: int, video: bool, g: torch.Generator) -> Dict[str
     pixels = {}
     if images and kind in ("llava", "gemma3"):
         pixels["pixel_values"] = torch.randn(images, 3, SIDE, SIDE, generator=g, dtype=torch.float64)
+    elif images and kind == "mistral3":  # (images, 3, H, W) padded to the largest + each image's size
+        pixels["pixel_values"] = torch.randn(images, 3, 2 * SIDE, 2 * SIDE, generator=g, dtype=torch.float64)
+        pixels["image_sizes"] = torch.tensor([SIZES[n % len(SIZES)] for n in range(images)])
     elif images and kind == "internvl":  # every image's tiles, image after image
         tiles = sum(INTERNVL_TILES[n % len(INTERNVL_TILES)] for n in range(images))
         pixels["pixel_values"] = torch.randn(tiles, 3, SIDE, SIDE, generator=g, dtype=torch.float64)
@@ -175,10 +187,16 @@ def row(model, kind: str, images: int = 1, video: bool = False, seed: int = 0) -
         return torch.randint(1, 90, (n,), generator=g).tolist()
 
     ids, items = text(3), []
-    for token, count in counts:
+    for n, (token, count) in enumerate(counts):
         opening, closing = ([BOI], [EOI]) if kind in ("gemma3", "internvl") else ([], [])
         ids += opening
         items.append((len(ids), count))
+        if kind == "mistral3" and token == IMAGE:  # rows of [IMG], each ended by [IMG_BREAK] (BOI), the last by [IMG_END] (EOI)
+            columns = pixels["image_sizes"][n, 1].item() // (2 * PATCH)
+            for r in range(count // columns):
+                ids += [token] * columns + [BOI if r < count // columns - 1 else EOI]
+            ids += text(2)
+            continue
         ids += [token] * count + closing + text(2)
     inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long), **pixels}
     if kind == "gemma3":  # the processor marks image tokens: they attend to each other both ways
@@ -268,6 +286,7 @@ FAMILIES: Dict[str, Family] = {
     "onevision": Family("onevision", video=True),
     "gemma3": Family("gemma3", needs_encoder_outputs=True),
     "internvl": Family("internvl"),
+    "mistral3": Family("mistral3"),
 }
 # mm_encoder_outputs (pre-encoded visual features; Gemma 3 and Qwen3-VL need it) came with transformers 5.18.
 HAS_ENCODER_OUTPUTS = "mm_encoder_outputs" in inspect.signature(transformers.Gemma3Model.forward).parameters

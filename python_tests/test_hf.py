@@ -1,4 +1,5 @@
-"""divprune_ext.hf on tiny random LLaVA, LLaVA-NeXT, LLaVA-NeXT-Video, LLaVA-OneVision and Gemma 3 models.
+"""divprune_ext.hf on tiny random LLaVA, LLaVA-NeXT, LLaVA-NeXT-Video, LLaVA-OneVision, Gemma 3, InternVL
+and Mistral 3 models.
 
 The unmodified model is the reference: its own forward / generate on the unpruned
 prompt, and the visual tokens as they enter its LLM (recorded with a hook). Every batch
@@ -51,12 +52,17 @@ def by_hand(model, inputs, items, keep_ratio, order):
     for b, row_items in enumerate(items):
         starts = dict(row_items)
         out, p = [], int(inputs["attention_mask"][b].argmax())
+        ids = inputs["input_ids"][b].tolist()
         while p < embeds.shape[1]:
-            if p in starts:
-                n = starts[p]
-                picks = torch.ops.divprune.select(embeds[b, p:p + n].float(), divprune_ext.keep_count(n, keep_ratio))
-                out += (p + (picks if order == "selection" else picks.sort().values)).tolist()
-                p += n
+            if p in starts:  # the item's n placeholders from p on; other tokens among them stay in place
+                n, token = starts[p], ids[p]
+                slots = [q for q in range(p, len(ids)) if ids[q] == token][:n]
+                picks = torch.ops.divprune.select(embeds[b, slots].float(), divprune_ext.keep_count(n, keep_ratio))
+                content = iter(slots[i] for i in (picks if order == "selection" else picks.sort().values).tolist())
+                kept = {slots[i] for i in picks.tolist()}
+                out += [next(content) if q in kept else q for q in range(p, slots[-1] + 1)
+                        if q in kept or ids[q] != token]
+                p = slots[-1] + 1
             else:
                 out.append(p)
                 p += 1
@@ -221,7 +227,7 @@ def test_placeholders_without_their_pixels_are_an_error(kind):
         with pytest.raises(ValueError, match=f"placeholder tokens with id {token} but no {key}"):
             hf.prune_inputs(model, input_ids=torch.tensor([[1, 2] + [token] * 4 + [3]]), keep_ratio=0.5)
         checked += 1
-    assert checked == (2 if kind not in ("llava", "llava_next", "gemma3", "internvl") else 1)
+    assert checked == (2 if kind not in ("llava", "llava_next", "gemma3", "internvl", "mistral3") else 1)
     text = torch.tensor([[1, 2, 3]])  # no placeholders, no pixels: a text prompt goes through
     assert torch.equal(hf.prune_inputs(model, input_ids=text, keep_ratio=0.5)["attention_mask"], torch.ones_like(text))
 

@@ -15,6 +15,7 @@ What comes back, per family (``SUPPORTED_MODELS`` lists the classes):
 - LLaVA-1.5, LLaVA-NeXT, LLaVA-NeXT-Video, LLaVA-OneVision (``hf/llava.py``):
   ``inputs_embeds``, contiguous positions; ``generate()`` returns only the new tokens.
 - InternVL 3 / 3.5 (``hf/internvl.py``): as LLaVA; each image is all its tiles.
+- Mistral 3 (``hf/mistral3.py``): as LLaVA; an image's row-break and end tokens stay.
 - Gemma 3 (``hf/gemma3.py``, transformers >= 5.18): pruned ``input_ids`` +
   ``mm_encoder_outputs`` + ``token_type_ids``, contiguous positions; ``generate()``
   returns the pruned prompt followed by the new tokens.
@@ -28,7 +29,7 @@ are a ``ValueError`` (the unpruned model would read them as text). Adding a fami
 ``divprune_ext.hf.core``.
 """
 from . import core
-from . import gemma3, internvl, llava, qwen_vl  # noqa: F401  (importing a family module registers its adapters)
+from . import gemma3, internvl, llava, mistral3, qwen_vl  # noqa: F401  (importing a family module registers its adapters)
 from .core import Visual, prune_inputs, visual_features
 
 SUPPORTED_MODELS = core.supported_models()

@@ -246,3 +246,21 @@ def test_gemma3_generate_takes_no_inputs_embeds():
     embeds = model.get_input_embeddings()(torch.tensor([[5, 6, 7]]))
     with pytest.raises(ValueError, match="You passed `inputs_embeds` to `.generate\\(\\)`"):
         model.generate(inputs_embeds=embeds, max_new_tokens=1)
+
+
+def test_gemma3_pan_and_scan_crops_are_pruned_apart():
+    """do_pan_and_scan=True: the processor gives an image its crops, each its own <boi> ... <eoi> span
+    and its own pixel_values entry (num_crops says how many); each crop keeps its own share."""
+    if not HAS_ENCODER_OUTPUTS:
+        pytest.skip("needs transformers >= 5.18")
+    model = build("gemma3")
+    crops = row(model, "gemma3", 3, seed=4)  # the image and its two crops: three spans of 16 tokens
+    crops.inputs["num_crops"] = torch.tensor([2])
+    inputs, items = collate([crops])
+    hand, _ = by_hand(model, inputs, items, 0.25, "original")
+    pruned = hf.prune_inputs(model, **inputs, keep_ratio=0.25)
+    assert (pruned["input_ids"] == IMAGE).sum() == 3 * divprune_ext.keep_count(16, 0.25)
+    assert torch.equal(pruned["token_type_ids"], hand["token_type_ids"])
+    with llm_inputs(model) as calls:
+        model(**pruned)
+    assert torch.equal(calls[0]["inputs_embeds"][0], hand["inputs_embeds"][0])

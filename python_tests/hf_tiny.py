@@ -24,13 +24,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import divprune_ext.hf as hf
 
 PAD, IMAGE, VIDEO, BOI, EOI = 0, 99, 98, 97, 96  # BOI / EOI: Gemma 3's image and Qwen's vision start / end
+GLM_VIDEO_START, GLM_VIDEO_END = 95, 94
 SIDE, PATCH = 28, 7  # 28x28 pixels, 7x7 patches: 16 patches per image tile
 GRID = [[28, 28], [28, 56], [56, 28], [56, 56]]
 SIZES = [[28, 56], [56, 56], [56, 28]]  # image sizes, cycled: different tilings and unpadding
 FRAMES = 4
 INTERNVL_TILE_TOKENS = 4
 INTERNVL_TILES = [1, 3]  # tiles of image n, cycled (a 2-tile image + its thumbnail: 3)
-QWEN_KINDS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
+QWEN_KINDS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v"]
 QWEN_PATCH = 3 * 2 * 2 * 2  # Qwen pixel values per patch: channels x temporal patch x patch x patch
 # The tensors with one value per token that a batch may hold.
 PER_TOKEN = ("input_ids", "attention_mask", "labels", "token_type_ids", "mm_token_type_ids")
@@ -86,6 +87,12 @@ def _qwen(kind: str):
                       fullatt_block_indexes=[1], tokens_per_second=2)
         return transformers.Qwen2_5_VLForConditionalGeneration(
             transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids))
+    if kind == "glm4v":  # Qwen2-VL's scheme; its video frames are written with the image token
+        text["rope_parameters"]["partial_rotary_factor"] = 1.0
+        vision.update(hidden_size=16, out_hidden_size=32, intermediate_size=32, image_size=16)
+        return transformers.Glm4vForConditionalGeneration(transformers.Glm4vConfig(
+            text_config=text, vision_config=vision, image_start_token_id=BOI, image_end_token_id=EOI,
+            video_start_token_id=GLM_VIDEO_START, video_end_token_id=GLM_VIDEO_END, **ids))
     text.update(head_dim=8)
     text["rope_parameters"]["mrope_interleaved"] = True
     vision.update(hidden_size=16, intermediate_size=32, out_hidden_size=32, num_position_embeddings=64,
@@ -232,36 +239,44 @@ def qwen_batch(model, rows: Sequence[Sequence[tuple]], seeds: Optional[Sequence[
     """A left-padded Qwen-VL batch as the processor would return it: row i holds the items rows[i],
     each a patch grid before the 2x2 merge: ("image", h, w) or ("video", t, h, w). Each row's text and
     pixels come from its own seed (default: its index), so a row built alone with the same seed is
-    the same prompt with the same pixels. Qwen3-VL writes each video frame as its own placeholder
-    run after a timestamp, the others a video as one run."""
+    the same prompt with the same pixels. Qwen3-VL and GLM-4.1V write each video frame as its own
+    placeholder run after a timestamp (GLM-4.1V with the image token), the others a video as one run."""
     seeds = list(range(len(rows))) if seeds is None else seeds
-    frames_apart = type(model).__name__.startswith("Qwen3VL")
-    prompts, pixels, grids = [], {"image": [], "video": []}, {"image": [], "video": []}
+    name = type(model).__name__
+    frames_apart = name.startswith(("Qwen3VL", "Glm4v"))
+    video_token = IMAGE if name.startswith("Glm4v") else VIDEO  # GLM-4.1V's frames use the image token
+    prompts, types, pixels, grids = [], [], {"image": [], "video": []}, {"image": [], "video": []}
     for items, seed in zip(rows, seeds):
         g = torch.Generator().manual_seed(seed)
+        ids, kinds = [], []
+
+        def add(tokens, kind=0):
+            ids.extend(tokens)
+            kinds.extend([kind] * len(tokens))
 
         def text(n):
-            return torch.randint(3, 80, (n,), generator=g).tolist()
+            add(torch.randint(3, 80, (n,), generator=g).tolist())
 
-        ids = text(3)
+        text(3)
         for item in items:
             t, h, w = (1,) + item[1:] if item[0] == "image" else item[1:]
             pixels[item[0]].append(torch.randn(t * h * w, QWEN_PATCH, generator=g, dtype=torch.float64))
             grids[item[0]].append([t, h, w])
             if item[0] == "image":
-                ids += [BOI] + [IMAGE] * (h * w // 4) + [EOI]
+                add([BOI]), add([IMAGE] * (h * w // 4), 1), add([EOI])
             elif frames_apart:
                 for _ in range(t):
-                    ids += text(1) + [BOI] + [VIDEO] * (h * w // 4) + [EOI]
+                    text(1), add([BOI]), add([video_token] * (h * w // 4), 2), add([EOI])
             else:
-                ids += [BOI] + [VIDEO] * (t * h * w // 4) + [EOI]
-            ids += text(2)
+                add([BOI]), add([VIDEO] * (t * h * w // 4), 2), add([EOI])
+            text(2)
         prompts.append(ids)
+        types.append(kinds)
     width = max(len(p) for p in prompts)
     input_ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
     inputs = {"input_ids": input_ids,
               "attention_mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts]),
-              "mm_token_type_ids": qwen_token_types(input_ids)}
+              "mm_token_type_ids": torch.tensor([[0] * (width - len(k)) + k for k in types], dtype=torch.int32)}
     if pixels["image"]:
         inputs.update(pixel_values=torch.cat(pixels["image"]), image_grid_thw=torch.tensor(grids["image"]))
     if pixels["video"]:

@@ -186,8 +186,8 @@ def test_one_host_read_outside_the_models_own_code(kind, monkeypatch):
 def test_errors():
     model = build("llava")
     _, inputs, items = batch_for(model, FAMILIES["llava"])
-    with pytest.raises(TypeError, match="supports Gemma3ForConditionalGeneration, InternVLForConditionalGeneration, "
-                                        "LlavaForConditionalGeneration, "
+    with pytest.raises(TypeError, match="supports Gemma3ForConditionalGeneration, Glm4vForConditionalGeneration, "
+                                        "InternVLForConditionalGeneration, LlavaForConditionalGeneration, "
                                         ".*LlavaOnevisionForConditionalGeneration.*; got Linear"):
         hf.prune_inputs(torch.nn.Linear(2, 2), **inputs)
     for bad in (0, 1.5, float("nan")):
@@ -219,7 +219,10 @@ def test_placeholders_without_their_pixels_are_an_error(kind):
         pytest.skip("needs transformers >= 5.18")
     model = build(kind)
     checked = 0
-    for modality, key in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+    inputs = [("image", "pixel_values"), ("video", "pixel_values_videos")]
+    if kind == "glm4v":  # its videos' frames are image tokens too
+        inputs = [("image", "pixel_values or pixel_values_videos")]
+    for modality, key in inputs:
         token = getattr(model.config, f"{modality}_token_id", None)
         token = getattr(model.config, f"{modality}_token_index", None) if token is None else token
         if token is None:
@@ -227,7 +230,7 @@ def test_placeholders_without_their_pixels_are_an_error(kind):
         with pytest.raises(ValueError, match=f"placeholder tokens with id {token} but no {key}"):
             hf.prune_inputs(model, input_ids=torch.tensor([[1, 2] + [token] * 4 + [3]]), keep_ratio=0.5)
         checked += 1
-    assert checked == (2 if kind not in ("llava", "llava_next", "gemma3", "internvl", "mistral3") else 1)
+    assert checked == (2 if kind not in ("llava", "llava_next", "gemma3", "internvl", "mistral3", "glm4v") else 1)
     text = torch.tensor([[1, 2, 3]])  # no placeholders, no pixels: a text prompt goes through
     assert torch.equal(hf.prune_inputs(model, input_ids=text, keep_ratio=0.5)["attention_mask"], torch.ones_like(text))
 

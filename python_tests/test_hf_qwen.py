@@ -24,6 +24,14 @@ CACHE = "cache" if "cache" in inspect.signature(transformers.Qwen2VLForCondition
 # Row 0: an image and a video; row 1: two images of other sizes (so the rows differ in length).
 # Items are patch grids before the 2x2 merge: ("image", h, w) or ("video", t, h, w).
 ROWS = [[("image", 4, 6), ("video", 4, 4, 4)], [("image", 6, 4), ("image", 4, 4)]]
+# GLM-4.1V: transformers' own model refuses a batch with images and videos (its image mask also
+# counts the videos' frames, which use the image token), so its reference batches hold images only;
+# test_video_alone gives it a video.
+GLM_ROWS = [[("image", 4, 6), ("image", 6, 6)], [("image", 6, 4), ("image", 4, 4)]]
+
+
+def rows_of(model):
+    return GLM_ROWS if type(model).__name__.startswith("Glm4v") else ROWS
 
 
 def rope_index(model, inputs):
@@ -44,16 +52,17 @@ def by_hand(model, inputs, keep_ratio, order="original"):
     positions = unpruned.clone()
     embeds = model.get_input_embeddings()(ids)
     deepstack = None
-    keep = mask.bool() & (ids != IMAGE) & (ids != VIDEO)
-    for modality, token, pixels, grid in (("image", IMAGE, "pixel_values", "image_grid_thw"),
-                                          ("video", VIDEO, "pixel_values_videos", "video_grid_thw")):
+    types = inputs["mm_token_type_ids"]  # 1 image, 2 video (GLM-4.1V's frames are image tokens)
+    keep = mask.bool() & (types == 0)
+    for modality, value, pixels, grid in (("image", 1, "pixel_values", "image_grid_thw"),
+                                          ("video", 2, "pixel_values_videos", "video_grid_thw")):
         if pixels not in inputs:
             continue
         out = getattr(model.model, f"get_{modality}_features")(inputs[pixels], inputs[grid], return_dict=True)
         layers = [list(layer) for layer in getattr(out, "deepstack_features", None) or []]
         if layers and deepstack is None:
             deepstack = [torch.zeros_like(embeds) for _ in layers]
-        slots, start = (ids == token).nonzero(), 0
+        slots, start = ((types == value) & mask.bool()).nonzero(), 0
         for n, features in enumerate(out.pooler_output):
             where = slots[start:start + len(features)]
             start += len(features)
@@ -102,7 +111,7 @@ def model(request):
 
 
 def test_keep_all_reproduces_the_logits_and_the_rope_delta(model):
-    inputs = qwen_batch(model, ROWS)
+    inputs = qwen_batch(model, rows_of(model))
     expected = model(**inputs).logits
     expected_deltas = model.model.rope_deltas.clone()
     model.model.rope_deltas = None
@@ -117,7 +126,7 @@ def test_keep_all_reproduces_the_logits_and_the_rope_delta(model):
 
 @pytest.mark.parametrize("do_sample", [False, True])
 def test_keep_all_generates_the_same_ids(model, do_sample):
-    inputs = qwen_batch(model, ROWS)
+    inputs = qwen_batch(model, rows_of(model))
     settings = dict(max_new_tokens=6, do_sample=do_sample, top_k=0 if do_sample else None)
     torch.manual_seed(1)
     expected = model.generate(**inputs, **settings)[:, inputs["input_ids"].shape[1]:]
@@ -136,7 +145,7 @@ def test_keep_all_expands_like_the_model(model, settings):
     # Qwen3-VL's mm_encoder_outputs per prompt (in place, so each call gets a fresh prune).
     # One image per prompt: transformers 5.18 expands the encoder outputs of several images per
     # prompt in the wrong order (fixed by 5.24), which would make the unpruned reference wrong.
-    inputs = qwen_batch(model, [ROWS[0], ROWS[1][:1]])
+    inputs = qwen_batch(model, [rows_of(model)[0], rows_of(model)[1][:1]])
     torch.manual_seed(2)
     expected = model.generate(**inputs, max_new_tokens=4, **settings)[:, inputs["input_ids"].shape[1]:]
     pruned = hf.prune_inputs(model, **inputs, keep_ratio=1.0)
@@ -146,7 +155,7 @@ def test_keep_all_expands_like_the_model(model, settings):
 
 @pytest.mark.parametrize("order", ["original", "selection"])
 def test_kept_tokens_are_the_selected_ones_at_their_original_positions(model, order):
-    inputs = qwen_batch(model, ROWS)
+    inputs = qwen_batch(model, rows_of(model))
     hand = by_hand(model, inputs, keep_ratio=0.3, order=order)
     pruned = hf.prune_inputs(model, **inputs, keep_ratio=0.3, order=order)
     real = hand["attention_mask"].bool()
@@ -168,7 +177,7 @@ def test_kept_tokens_are_the_selected_ones_at_their_original_positions(model, or
 
 
 def test_pruned_output_equals_the_model_fed_by_hand(model):
-    inputs = qwen_batch(model, ROWS)
+    inputs = qwen_batch(model, rows_of(model))
     hand = by_hand(model, inputs, keep_ratio=0.3)
     real = hand["attention_mask"].bool()
     got = model(**hf.prune_inputs(model, **inputs, keep_ratio=0.3)).logits
@@ -182,7 +191,7 @@ def test_pruned_output_equals_the_model_fed_by_hand(model):
 
 
 def test_decoding_continues_from_the_unpruned_positions(model):
-    inputs = qwen_batch(model, ROWS)
+    inputs = qwen_batch(model, rows_of(model))
     pruned = hf.prune_inputs(model, **inputs, keep_ratio=0.3)
     steps = 4
     generated = new_tokens(pruned, model.generate(**pruned, max_new_tokens=steps, do_sample=False))
@@ -220,11 +229,11 @@ def test_the_rope_delta_describes_the_shortened_sequence(model):
 
 
 def test_batched_equals_one_by_one(model):
-    inputs = qwen_batch(model, ROWS)
+    inputs = qwen_batch(model, rows_of(model))
     batched = hf.prune_inputs(model, **inputs, keep_ratio=0.3)
     batched_ids = new_tokens(batched, model.generate(**batched, max_new_tokens=5, do_sample=False))
     batched_last = model(**batched).logits[:, -1]
-    for row, items in enumerate(ROWS):
+    for row, items in enumerate(rows_of(model)):
         alone = hf.prune_inputs(model, **qwen_batch(model, [items], seeds=[row]), keep_ratio=0.3)
         assert torch.equal(new_tokens(alone, model.generate(**alone, max_new_tokens=5, do_sample=False))[0],
                            batched_ids[row])
@@ -257,7 +266,7 @@ def test_labels_follow_the_kept_tokens(model):
 
 
 def test_padding_sides(model):
-    inputs = qwen_batch(model, ROWS)
+    inputs = qwen_batch(model, rows_of(model))
     visual = (inputs["input_ids"] == IMAGE) | (inputs["input_ids"] == VIDEO)
     labels = inputs["input_ids"].masked_fill(visual | (inputs["attention_mask"] == 0), -100)
     check_padding_sides(model, dict(inputs, labels=labels), keep_ratio=0.3, order="selection")
@@ -265,7 +274,9 @@ def test_padding_sides(model):
 
 @pytest.mark.parametrize("types_given", [True, False], ids=["mm_token_type_ids", "no_mm_token_type_ids"])
 def test_host_reads_outside_the_models_own_code(model, types_given, monkeypatch):
-    inputs = qwen_batch(model, ROWS)
+    if not types_given and type(model).__name__.startswith("Glm4v"):
+        pytest.skip("GLM-4.1V needs mm_token_type_ids (test_glm4v_needs_token_types)")
+    inputs = qwen_batch(model, rows_of(model))
     positions = rope_index(model, inputs)  # the model's own feature code and rope index, outside the count
     visuals = hf.visual_features(model, **inputs)
     if not types_given:
@@ -289,7 +300,7 @@ def without_placeholder(inputs, token, which):
 
 def test_placeholder_mismatch_says_which():
     model = build("qwen2_vl")
-    inputs = qwen_batch(model, ROWS)
+    inputs = qwen_batch(model, rows_of(model))
     with pytest.raises(ValueError, match="15 tokens with id 99 in input_ids but the model makes 16 visual features"):
         hf.prune_inputs(model, **without_placeholder(inputs, IMAGE, 0))
     # Right total, wrong split: image 1's run is one token short, image 2's one token long.
@@ -331,4 +342,24 @@ def test_qwen3_vl_checks_each_frame():
 def test_qwen3_vl_names_the_version_it_needs():
     model = build("qwen3_vl")
     with pytest.raises(RuntimeError, match=r"Qwen3-VL .* needs transformers >= 5.18"):
-        hf.prune_inputs(model, **qwen_batch(model, ROWS), keep_ratio=0.5)
+        hf.prune_inputs(model, **qwen_batch(model, rows_of(model)), keep_ratio=0.5)
+
+
+def test_glm4v_puts_images_and_videos_in_prompt_order():
+    """GLM-4.1V's images and video frames share the image token: the kept features must still go to
+    their own item's slots when a video comes before an image (transformers' own model refuses such
+    a batch, so the reference is the by-hand prompt)."""
+    model = build("glm4v")
+    inputs = qwen_batch(model, [[("video", 4, 4, 4), ("image", 4, 6)], [("image", 6, 4), ("video", 2, 4, 4)]])
+    pruned = hf.prune_inputs(model, **inputs, keep_ratio=0.25)
+    hand = by_hand(model, inputs, keep_ratio=0.25)
+    assert torch.equal(pruned["inputs_embeds"], hand["inputs_embeds"])
+    assert torch.equal(pruned["position_ids"], hand["position_ids"])
+    torch.testing.assert_close(model(**pruned).logits, run_language_model(model, hand), rtol=0, atol=1e-12)
+
+
+def test_glm4v_needs_token_types():
+    model = build("glm4v")
+    inputs = {k: v for k, v in qwen_batch(model, GLM_ROWS).items() if k != "mm_token_type_ids"}
+    with pytest.raises(ValueError, match="GLM-4.1V needs mm_token_type_ids"):
+        hf.prune_inputs(model, **inputs, keep_ratio=0.5)

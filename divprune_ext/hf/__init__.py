@@ -19,7 +19,7 @@ What comes back, per family (``SUPPORTED_MODELS`` lists the classes):
 - Gemma 3 (``hf/gemma3.py``, transformers >= 5.18): pruned ``input_ids`` +
   ``mm_encoder_outputs`` + ``token_type_ids``, contiguous positions; ``generate()``
   returns the pruned prompt followed by the new tokens.
-- Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE (``hf/qwen_vl.py``): the original multimodal RoPE
+- Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE and GLM-4.1V (``hf/qwen_vl.py``): the original multimodal RoPE
   positions as ``position_ids``; see that module for what each returns.
 
 ``attention_mask`` and any ``labels``, ``token_type_ids``, ``mm_token_type_ids`` passed in

@@ -1,9 +1,11 @@
-"""Adapters for Qwen2-VL, Qwen2.5-VL and Qwen3-VL: images and videos, any number per prompt.
+"""Adapters for Qwen2-VL, Qwen2.5-VL, Qwen3-VL (and -MoE) and GLM-4.1V: images and videos, any number
+per prompt.
 
 Classes: ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``
 (transformers 5.17 and newer), ``Qwen3VLForConditionalGeneration`` and its mixture-of-experts
 variant ``Qwen3VLMoeForConditionalGeneration`` (5.18 and newer; the same vision and multimodal
-code, only the LLM's MLP differs).
+code, only the LLM's MLP differs), and ``Glm4vForConditionalGeneration`` (GLM-4.1V, which
+follows Qwen2-VL's scheme; see :class:`Glm4v` for its differences).
 Pass what the processor returns (``input_ids``, ``attention_mask``, ``pixel_values``,
 ``image_grid_thw``, ``pixel_values_videos``, ``video_grid_thw``, ``mm_token_type_ids``, and
 for Qwen2.5-VL ``second_per_grid_ts``)::
@@ -109,7 +111,7 @@ class _QwenVL(Adapter):
             features = list(out.pooler_output)  # one (n, H) per item: the model splits them by its grid
             deepstack = [_per_item(layer, [len(f) for f in features])
                          for layer in getattr(out, "deepstack_features", None) or ()]  # Qwen3-VL
-            token = getattr(model.config, f"{modality}_token_id")
+            token = self._placeholder_id(model, modality)
             found += [Visual(token, f, tuple(layer[i] for layer in deepstack), modality)
                       for i, f in enumerate(features)]
         return found
@@ -125,6 +127,9 @@ class _QwenVL(Adapter):
     def outputs(self, model, batch) -> Dict[str, Any]:
         self._set_rope_deltas(model, batch)
         return super().outputs(model, batch)
+
+    def _placeholder_id(self, model, modality: str) -> int:
+        return getattr(model.config, f"{modality}_token_id")
 
     def _grid(self, inputs, modality: str) -> torch.Tensor:
         pixels, grid_key = _KEYS[modality]
@@ -158,7 +163,7 @@ class _QwenVL(Adapter):
         items = {modality: list(islice(read, len(grid))) for modality, grid in grids.items()}
         runs = token_runs(types.masked_fill(~inputs["attention_mask"].bool(), 0))
         for modality, value in _TYPE.items():
-            token, grid_key = getattr(model.config, f"{modality}_token_id"), _KEYS[modality][1]
+            token, grid_key = self._placeholder_id(model, modality), _KEYS[modality][1]
             thw = items.get(modality, [])
             expected = []  # (item, tokens) per run, in fill order
             for n, (t, h, w) in enumerate(thw):
@@ -216,3 +221,61 @@ class Qwen3VL(_QwenVL):
 def _deepstack_output(**fields):
     from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
     return BaseModelOutputWithDeepstackFeatures(**fields)
+
+
+@register
+class Glm4v(_QwenVL):
+    """GLM-4.1V (``Glm4vForConditionalGeneration``): Qwen2-VL's scheme, with two differences.
+
+    - A video's frames are written with the *image* token (each frame ``<|begin_of_image|>``, its
+      tokens, ``<|end_of_image|>``, then its timestamp); only ``mm_token_type_ids`` (1 image, 2
+      video) tells them apart, so it is required, and the Visuals are put in prompt order from
+      its runs (one more ``nonzero`` and read) because images and videos share one placeholder id.
+    - Its rope index (``get_rope_index``) places each frame as its own image after the text before
+      it; the kept tokens keep those positions, as for the other Qwen-style families.
+    """
+    models = ("Glm4vForConditionalGeneration",)
+    frames_apart = True
+
+    def placeholders(self, model):
+        return {model.config.image_token_id: "pixel_values or pixel_values_videos"}
+
+    def _placeholder_id(self, model, modality):
+        return model.config.image_token_id  # videos too
+
+    def visual(self, model, inputs):
+        found = super().visual(model, inputs)
+        types = inputs.get("mm_token_type_ids")
+        if types is None or not any(v.modality == "video" for v in found):
+            return found
+        if "attention_mask" in inputs:
+            types = types.masked_fill(~inputs["attention_mask"].bool(), 0)
+        frames = iter(inputs["video_grid_thw"][:, 0].tolist())
+        queues = {m: iter([v for v in found if v.modality == m]) for m in _TYPE}
+        ordered, skip = [], 0
+        for _, kind, _ in token_runs(types.int()):  # prompt order; a video is one run per frame
+            if kind == _TYPE["video"] and skip:
+                skip -= 1
+                continue
+            item = next(queues["image" if kind == _TYPE["image"] else "video"], None)
+            if item is not None:
+                ordered.append(item)
+                skip = next(frames, 1) - 1 if kind == _TYPE["video"] else 0
+        # placeholders that do not match the grids: the checks after this say which
+        return ordered + [v for v in found if not any(v is o for o in ordered)]
+
+    def _token_types(self, model, inputs):
+        given = inputs.get("mm_token_type_ids")
+        if given is None and not bool((inputs["input_ids"] == model.config.image_token_id).any()):
+            return torch.zeros_like(inputs["input_ids"], dtype=torch.int32)  # a text prompt
+        if given is None:
+            raise ValueError("GLM-4.1V needs mm_token_type_ids (its processor returns it): its videos' frames use the "
+                             "image token, so only the token types tell images from videos")
+        if given.shape != inputs["input_ids"].shape:
+            raise ValueError(f"mm_token_type_ids must have the shape of input_ids {tuple(inputs['input_ids'].shape)}, "
+                             f"got {tuple(given.shape)}")
+        real = inputs["attention_mask"].bool()
+        if bool((((given != 0) != (inputs["input_ids"] == model.config.image_token_id)) & real).any()):
+            raise ValueError(f"mm_token_type_ids must be 1 or 2 exactly at the image tokens (id "
+                             f"{model.config.image_token_id}) of input_ids")
+        return given

@@ -142,6 +142,20 @@ def build(kind: str):
                                              text_config=transformers.MistralConfig(**_text()).to_dict(),
                                              image_token_id=IMAGE, spatial_merge_size=2, vision_feature_layer=-1)
         return _finish(transformers.Mistral3ForConditionalGeneration(config))
+    if kind == "gemma4":  # 7x7 patches pooled 2x2: a 28x56 image is 4x8 patches -> 8 tokens
+        vision = transformers.Gemma4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                 num_attention_heads=4, num_key_value_heads=4, head_dim=8,
+                                                 patch_size=PATCH, pooling_kernel_size=2, position_embedding_size=64)
+        text = transformers.Gemma4TextConfig(**_text(head_dim=8, sliding_window=12, vocab_size_per_layer_input=100,
+                                                     hidden_size_per_layer_input=8, num_kv_shared_layers=0,
+                                                     layer_types=["sliding_attention", "full_attention"],
+                                                     use_bidirectional_attention="vision"))
+        config = transformers.Gemma4Config(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                                           audio_config=None,
+                                           image_token_id=IMAGE, video_token_id=VIDEO, boi_token_id=BOI,
+                                           eoi_token_id=EOI, audio_token_id=93)  # in the vocabulary: the
+        # model embeds it to find audio placeholders in inputs_embeds
+        return _finish(transformers.Gemma4ForConditionalGeneration(config))
     if kind == "gemma3":
         text = transformers.Gemma3TextConfig(**_text(head_dim=8, query_pre_attn_scalar=8, sliding_window=12,
                                                      sliding_window_pattern=2))
@@ -163,6 +177,16 @@ def _pixels(kind: str, images: int, video: bool, g: torch.Generator) -> Dict[str
     pixels = {}
     if images and kind in ("llava", "gemma3"):
         pixels["pixel_values"] = torch.randn(images, 3, SIDE, SIDE, generator=g, dtype=torch.float64)
+    elif images and kind == "gemma4":  # flattened 7x7 patches, padded to the largest image; (-1, -1) at padding
+        most = (2 * SIDE // PATCH) ** 2
+        pixels["pixel_values"] = torch.zeros(images, most, 3 * PATCH * PATCH, dtype=torch.float64)
+        pixels["image_position_ids"] = torch.full((images, most, 2), -1, dtype=torch.long)
+        for n in range(images):
+            h, w = (side // PATCH for side in SIZES[n % len(SIZES)])  # 28 px: 4 patches
+            grid = torch.stack(torch.meshgrid(torch.arange(w), torch.arange(h), indexing="xy"), -1).reshape(-1, 2)
+            pixels["image_position_ids"][n, :len(grid)] = grid
+            pixels["pixel_values"][n, :len(grid)] = torch.randn(len(grid), 3 * PATCH * PATCH, generator=g,
+                                                                dtype=torch.float64)
     elif images and kind == "mistral3":  # (images, 3, H, W) padded to the largest + each image's size
         pixels["pixel_values"] = torch.randn(images, 3, 2 * SIDE, 2 * SIDE, generator=g, dtype=torch.float64)
         pixels["image_sizes"] = torch.tensor([SIZES[n % len(SIZES)] for n in range(images)])
@@ -195,10 +219,10 @@ def row(model, kind: str, images: int = 1, video: bool = False, seed: int = 0) -
 
     ids, items = text(3), []
     for n, (token, count) in enumerate(counts):
-        opening, closing = ([BOI], [EOI]) if kind in ("gemma3", "internvl") else ([], [])
+        opening, closing = ([BOI], [EOI]) if kind in ("gemma3", "gemma4", "internvl") else ([], [])
         ids += opening
         items.append((len(ids), count))
-        if kind == "mistral3" and token == IMAGE:  # rows of [IMG], each ended by [IMG_BREAK] (BOI), the last by [IMG_END] (EOI)
+        if kind == "mistral3" and token == IMAGE:  # rows of [IMG], then [IMG_BREAK] (BOI); [IMG_END] (EOI) last
             columns = pixels["image_sizes"][n, 1].item() // (2 * PATCH)
             for r in range(count // columns):
                 ids += [token] * columns + [BOI if r < count // columns - 1 else EOI]
@@ -208,6 +232,8 @@ def row(model, kind: str, images: int = 1, video: bool = False, seed: int = 0) -
     inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long), **pixels}
     if kind == "gemma3":  # the processor marks image tokens: they attend to each other both ways
         inputs["token_type_ids"] = (inputs["input_ids"] == IMAGE).long()
+    if kind == "gemma4":  # 1 at image tokens: each run attends to itself both ways
+        inputs["mm_token_type_ids"] = (inputs["input_ids"] == IMAGE).long()
     return Row(inputs, items)
 
 
@@ -217,7 +243,7 @@ def collate(rows: List[Row]) -> Tuple[Dict[str, torch.Tensor], List[List[Tuple[i
     batch, items = {}, []
     for key in dict.fromkeys(k for r in rows for k in r.inputs):
         parts = [r.inputs[key] for r in rows if key in r.inputs]
-        if key in ("input_ids", "attention_mask", "token_type_ids"):
+        if key in ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids"):
             pad = PAD if key == "input_ids" else 0
             parts = [torch.nn.functional.pad(p, (width - p.shape[1], 0), value=pad) for p in parts]
         elif key == "pixel_values" and parts[0].dim() == 5:  # tiles padded to the batch's maximum
@@ -303,6 +329,8 @@ FAMILIES: Dict[str, Family] = {
     "internvl": Family("internvl"),
     "mistral3": Family("mistral3"),
 }
+if hasattr(transformers, "Gemma4ForConditionalGeneration"):
+    FAMILIES["gemma4"] = Family("gemma4", needs_encoder_outputs=True)
 # mm_encoder_outputs (pre-encoded visual features; Gemma 3 and Qwen3-VL need it) came with transformers 5.18.
 HAS_ENCODER_OUTPUTS = "mm_encoder_outputs" in inspect.signature(transformers.Gemma3Model.forward).parameters
 

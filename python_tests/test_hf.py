@@ -14,7 +14,8 @@ transformers = pytest.importorskip("transformers", reason="hf extra: pip install
 import divprune_ext  # noqa: E402
 import divprune_ext.hf as hf  # noqa: E402
 from divprune_ext.hf import core  # noqa: E402
-from hf_tiny import (FAMILIES, HAS_ENCODER_OUTPUTS, IMAGE, QWEN_KINDS, HostReads, build,  # noqa: E402,F401
+from hf_tiny import (BOI, EOI, FAMILIES, HAS_ENCODER_OUTPUTS, IMAGE, PAD, QWEN_KINDS,  # noqa: E402,F401
+                     HostReads, build,
                      check_padding_sides, collate, llm_inputs, new_tokens, one_thread, row,
                      with_positions)  # (one_thread: autouse)
 
@@ -78,6 +79,10 @@ def by_hand(model, inputs, items, keep_ratio, order):
     hand = {"inputs_embeds": gather(embeds), "attention_mask": gather(torch.ones_like(inputs["attention_mask"]))}
     if "token_type_ids" in inputs:
         hand["token_type_ids"] = gather(inputs["token_type_ids"])
+    if "mm_token_type_ids" in inputs:  # Gemma 4: its bidirectional runs, and its per-layer inputs from the ids
+        hand["mm_token_type_ids"] = gather(inputs["mm_token_type_ids"])
+        ids = gather(inputs["input_ids"]).masked_fill(hand["mm_token_type_ids"] != 0, PAD)
+        hand["per_layer_inputs"] = model.model.language_model.get_per_layer_inputs(ids)
     return hand, gather
 
 
@@ -186,8 +191,9 @@ def test_one_host_read_outside_the_models_own_code(kind, monkeypatch):
 def test_errors():
     model = build("llava")
     _, inputs, items = batch_for(model, FAMILIES["llava"])
-    with pytest.raises(TypeError, match="supports Gemma3ForConditionalGeneration, Glm4vForConditionalGeneration, "
-                                        "InternVLForConditionalGeneration, LlavaForConditionalGeneration, "
+    with pytest.raises(TypeError, match="supports Gemma3ForConditionalGeneration, Gemma4ForConditionalGeneration, "
+                                        "Glm4vForConditionalGeneration, InternVLForConditionalGeneration, "
+                                        "LlavaForConditionalGeneration, "
                                         ".*LlavaOnevisionForConditionalGeneration.*; got Linear"):
         hf.prune_inputs(torch.nn.Linear(2, 2), **inputs)
     for bad in (0, 1.5, float("nan")):
@@ -215,7 +221,7 @@ def test_errors():
 @pytest.mark.parametrize("kind", list(FAMILIES) + QWEN_KINDS)
 def test_placeholders_without_their_pixels_are_an_error(kind):
     """The unpruned model would read such placeholders as text (no error): almost always a missing input."""
-    if kind.startswith(("gemma3", "qwen3")) and not HAS_ENCODER_OUTPUTS:
+    if kind.startswith(("gemma", "qwen3")) and not HAS_ENCODER_OUTPUTS:
         pytest.skip("needs transformers >= 5.18")
     model = build(kind)
     checked = 0
@@ -267,3 +273,28 @@ def test_gemma3_pan_and_scan_crops_are_pruned_apart():
     with llm_inputs(model) as calls:
         model(**pruned)
     assert torch.equal(calls[0]["inputs_embeds"][0], hand["inputs_embeds"][0])
+
+
+@pytest.mark.skipif("gemma4" not in FAMILIES or not HAS_ENCODER_OUTPUTS,
+                    reason="needs Gemma 4 and transformers >= 5.18")
+def test_gemma4_video_is_one_item_over_its_frames():
+    from hf_tiny import PATCH, VIDEO, Row
+    model = build("gemma4")
+    g = torch.Generator().manual_seed(5)
+    grid = torch.stack(torch.meshgrid(torch.arange(4), torch.arange(4), indexing="xy"), -1).reshape(-1, 2)
+    frames = 3  # 16 patches a frame pooled 2x2: 4 tokens a frame, 12 a video
+    ids = [5, 6, BOI] + [VIDEO] * 12 + [EOI, 7, 8]
+    inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+              "mm_token_type_ids": 2 * (torch.tensor([ids]) == VIDEO).long(),
+              "pixel_values_videos": torch.randn(frames, 16, 3 * PATCH * PATCH, generator=g, dtype=torch.float64),
+              "video_position_ids": grid.expand(frames, -1, -1).clone(), "num_frames_per_video": torch.tensor([frames])}
+    full = hf.prune_inputs(model, **inputs, keep_ratio=1.0)
+    torch.testing.assert_close(model(**full).logits, model(**inputs).logits, rtol=0, atol=1e-12)
+    batch, items = collate([Row(inputs, [(3, 12)])])
+    hand, _ = by_hand(model, batch, items, 0.25, "original")
+    pruned = hf.prune_inputs(model, **inputs, keep_ratio=0.25)
+    assert (pruned["input_ids"] == VIDEO).sum() == 3
+    with llm_inputs(model) as calls:
+        logits = model(**pruned).logits
+    assert torch.equal(calls[0]["inputs_embeds"], hand["inputs_embeds"])
+    torch.testing.assert_close(logits, model(**hand).logits, rtol=0, atol=1e-12)

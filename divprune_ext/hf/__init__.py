@@ -19,6 +19,7 @@ What comes back, per family (``SUPPORTED_MODELS`` lists the classes):
 - Gemma 3 (``hf/gemma3.py``, transformers >= 5.18): pruned ``input_ids`` +
   ``mm_encoder_outputs`` + ``token_type_ids``, contiguous positions; ``generate()``
   returns the pruned prompt followed by the new tokens.
+- Gemma 4 (``hf/gemma4.py``, transformers >= 5.18): as Gemma 3, with ``mm_token_type_ids``.
 - Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE and GLM-4.1V (``hf/qwen_vl.py``): the original multimodal RoPE
   positions as ``position_ids``; see that module for what each returns.
 
@@ -29,7 +30,7 @@ are a ``ValueError`` (the unpruned model would read them as text). Adding a fami
 ``divprune_ext.hf.core``.
 """
 from . import core
-from . import gemma3, internvl, llava, mistral3, qwen_vl  # noqa: F401  (importing a family module registers its adapters)
+from . import gemma3, gemma4, internvl, llava, mistral3, qwen_vl  # noqa: F401  (importing a family module registers its adapters)
 from .core import Visual, prune_inputs, visual_features
 
 SUPPORTED_MODELS = core.supported_models()

@@ -35,14 +35,19 @@ class Mutant:
     tests: list = dataclasses.field(default_factory=lambda: QWEN)
 
 
+GEMMA3 = ["python_tests/vllm/test_families.py", "python_tests/vllm/test_placeholders.py", "-k",
+          "gemma3 and (pruned or placeholder)"]
+QWEN3 = ["python_tests/vllm/test_families.py", "python_tests/vllm/test_placeholders.py",
+         "python_tests/vllm/test_positions.py", "-k", "qwen3 and (pruned or placeholder or positions)"]
+
 MUTANTS = [
-    Mutant("wrong-k-placeholders", "core.py", "return ids[:divprune_ext.keep_count(len(ids), ratio)]",
-           "return ids[:divprune_ext.keep_count(len(ids), ratio) + 1]", "one placeholder too many per item"),
+    Mutant("wrong-k-placeholders", "core.py", "out += ids[cursor:start] + [token] * k",
+           "out += ids[cursor:start] + [token] * (k + 1)", "one placeholder too many per item"),
     Mutant("wrong-k-selected", "core.py",
-           "counts = [divprune_ext.keep_count(len(item), r) for item, r in zip(items, ratios)]",
-           "counts = [max(1, divprune_ext.keep_count(len(item), r) - 1) for item, r in zip(items, ratios)]",
+           "counts = self.kept_per_run(modality, parts, ratio, type(self).__name__)",
+           "counts = [max(1, c - 1) for c in self.kept_per_run(modality, parts, ratio, type(self).__name__)]",
            "one token too few selected per item"),
-    Mutant("order-not-kept", "core.py", "sorted=True,\n", "sorted=False,\n",
+    Mutant("order-not-kept", "core.py", "sorted=True,", "sorted=False,",
            "kept tokens in selection order instead of their original order"),
     Mutant("positions-not-restored", "core.py",
            "positions = positions.index_add(1, rows, offsets.t().to(positions.device, positions.dtype))",
@@ -51,6 +56,22 @@ MUTANTS = [
            "next_position = start + k", "text after a pruned item numbered as if the item had k tokens"),
     Mutant("ratio-ignored-by-model", "core.py", "ratios = ratios_from_bits(bits)",
            "ratios = [1.0] * len(ratios_from_bits(bits))", "the model keeps every token (placeholders pruned)"),
+    Mutant("gemma3-crops-together", "gemma3.py", "return [rows // crops] * crops", "return [rows]",
+           "Gemma 3: an image's crops selected together (the prompt keeps k per crop)", GEMMA3),
+    Mutant("gemma3-crops-share-k", "gemma3.py", "return [divprune_ext.keep_count(n, ratio) for n in lengths]",
+           "return [divprune_ext.keep_count(sum(lengths), ratio)] + [0] * (len(lengths) - 1)",
+           "Gemma 3: one k for all crops, kept in the first crop's span", GEMMA3),
+    Mutant("qwen3-deepstack-compared", "qwen_vl.py", "return item[:, :self.visual_dim]", "return item",
+           "Qwen3-VL: DivPrune compares the deepstack columns too", QWEN3),
+    Mutant("qwen3-video-per-frame", "qwen_vl.py", "counts = torch.bincount(picks.cpu() // (h * w), minlength=t)",
+           "counts = torch.bincount(picks.cpu() % t, minlength=t)",
+           "Qwen3-VL video: kept tokens put in the wrong frames", QWEN3),
+    Mutant("qwen3-video-text-positions", "qwen_vl.py", "offsets[~is_token] = positions[:, ~was_token].t()",
+           "offsets[~is_token] = 0", "Qwen3-VL video: its timestamps and markers at the video's start", QWEN3),
+    Mutant("qwen3-video-text-not-embedded", "qwen_vl.py",
+           "rows[(~is_token).to(item.device), :self.visual_dim] = self.get_language_model()",
+           "rows[(~is_token).to(item.device), :0] = self.get_language_model()",
+           "Qwen3-VL video: its timestamps and markers left as zero rows", QWEN3),
 ]
 
 

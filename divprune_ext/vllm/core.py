@@ -43,6 +43,7 @@ to ``budget / r`` tokens. The README says how to bound it.
 """
 import dataclasses
 import numbers
+from types import SimpleNamespace
 from typing import Any, Dict, List, Mapping, Sequence
 
 import torch
@@ -299,18 +300,6 @@ class PruningModel:
 # ---------------------------------------------------------------------------------------------
 # Multimodal RoPE (Qwen-VL): kept tokens keep their (t, h, w) positions
 # ---------------------------------------------------------------------------------------------
-def grid_positions(t: int, h: int, w: int, t_factor: float):
-    """(3, t*h*w) int64 offsets (t, h, w) of an item's tokens from its first position, in token
-    order, as vLLM's Qwen-VL ``get_mrope_input_positions`` lays them out (t scaled by
-    ``t_factor`` and truncated, in float64)."""
-    import numpy as np
-
-    grid = np.indices((t, h, w))
-    if t_factor != 1.0:
-        grid[0] = (grid[0] * t_factor).astype(np.int64)
-    return grid.reshape(3, -1)
-
-
 # Each kept row of a pruned item carries (t, h, w, 0) as int32 bits: 16 bytes, whole columns in
 # float32 (4), bf16 / fp16 (8) and float64 (2).
 OFFSET_INTS = 4
@@ -332,11 +321,10 @@ class MRoPEPruning(PruningModel):
     known there. vLLM's own post-encoder hook (``recompute_mrope_positions``) is switched on only by
     the GPU runner, for its video pruning. Instead:
 
-    - ``get_mrope_input_positions`` lays out the *unpruned* scheme: an item with ``k < n``
-      placeholders gives all of them the item's first position (t = h = w = start), the text after
-      it starts where it starts without pruning (start + largest offset + 1), and the decode delta
-      continues from the unpruned prompt's largest position. Items with ``k == n`` get their full
-      grid, exactly as vLLM.
+    - ``get_mrope_input_positions`` runs vLLM's own on the *unpruned* prompt (each pruned item put
+      back to its full replacement, :meth:`full_span`) and gives every placeholder of a pruned
+      item that item's first position, every other token its unpruned position; the decode delta
+      continues from the unpruned prompt. Items with ``k == n`` get vLLM's positions as they are.
     - ``embed_multimodal`` appends to each kept row of a pruned item its exact (t, h, w) offset as
       int32 bits in extra columns (``OFFSET_INTS``) (``view``: exact in any dtype; float columns would round
       positions above 256 in bf16). The rows travel through the encoder cache and chunking with
@@ -370,7 +358,7 @@ class MRoPEPruning(PruningModel):
         kept = super()._kept(item, picks, modality, index, kwargs)
         # The picks' (t, h, w), computed where they are (no device-to-host read): token j of a
         # (t, h, w) grid sits at frame j // (h w), row (j // w) % h, column j % w; the frame is
-        # scaled in float64 and truncated, as grid_positions does.
+        # scaled in float64 and truncated, as vLLM's Qwen2-VL / 2.5-VL scale it.
         _, h, w, t_factor = self.grid_of(modality, index, kwargs)
         picks = picks.to(kept.device)
         frame = picks // (h * w)
@@ -378,32 +366,35 @@ class MRoPEPruning(PruningModel):
             frame = (frame.double() * t_factor).long()
         return with_offsets(kept, torch.stack([frame, (picks // w) % h, picks % w], dim=1))
 
-    def get_mrope_input_positions(self, input_tokens, mm_features):
-        import numpy as np
+    def full_span(self, feature, span: List[int]) -> List[int]:
+        """The replacement of ``feature`` as vLLM writes it unpruned, given its (maybe pruned) ``span``."""
+        raise NotImplementedError
 
-        features = sorted(mm_features, key=lambda f: f.mm_position.offset)
-        placeholders = [f.mm_position.length for f in features]
-        pieces, text_start, next_position, top = [], 0, 0, -1
-        for k, (offset, t, h, w, t_factor) in zip(placeholders, self.iter_mm_grid_thw(features)):
-            text = offset - text_start
-            pieces.append(np.broadcast_to(np.arange(text), (3, text)) + next_position)
-            start = next_position + text
-            grid = grid_positions(t, h, w, t_factor)
-            if k == grid.shape[1]:
-                pieces.append(grid + start)
-            elif k < grid.shape[1]:
-                pieces.append(np.full((3, k), start, dtype=np.int64))
-            else:
-                raise RuntimeError(f"divprune_ext: {k} placeholders for an item of {grid.shape[1]} tokens")
-            next_position = start + int(grid.max()) + 1
-            top = next_position - 1
-            text_start = offset + k
-        text = len(input_tokens) - text_start
-        pieces.append(np.broadcast_to(np.arange(text), (3, text)) + next_position)
-        if text:
-            top = next_position + text - 1
-        positions = np.concatenate(pieces, axis=1).astype(np.int64)
-        return torch.from_numpy(positions), top + 1 - len(input_tokens)
+    def vllm_positions(self, input_tokens, mm_features):
+        """vLLM's own ``get_mrope_input_positions`` of the family (for an unpruned prompt)."""
+        return super().get_mrope_input_positions(input_tokens, mm_features)
+
+    def get_mrope_input_positions(self, input_tokens, mm_features):
+        input_tokens = list(input_tokens)
+        tokens, features, index, cursor = [], [], [], 0  # the unpruned prompt; for each token, its index there
+        for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
+            offset, length = feature.mm_position.offset, feature.mm_position.length
+            index += range(len(tokens), len(tokens) + offset - cursor)  # the text before it
+            tokens += input_tokens[cursor:offset]
+            full = self.full_span(feature, input_tokens[offset:offset + length])
+            if length > len(full):
+                raise RuntimeError(f"divprune_ext: {length} placeholders for an item of {len(full)} tokens")
+            features.append(SimpleNamespace(modality=feature.modality, data=feature.data,
+                                            mm_position=SimpleNamespace(offset=len(tokens), length=len(full))))
+            # a pruned item: all its placeholders at its first position (its rows carry their offsets)
+            index += range(len(tokens), len(tokens) + length) if len(full) == length else [len(tokens)] * length
+            tokens += full
+            cursor = offset + length
+        index += range(len(tokens), len(tokens) + len(input_tokens) - cursor)
+        tokens += input_tokens[cursor:]
+        positions, delta = self.vllm_positions(tokens, features)
+        # decoding continues where the unpruned prompt's would: the same next position
+        return positions[:, index], delta + len(tokens) - len(input_tokens)
 
     def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
         self._divprune_offsets = None

@@ -29,6 +29,11 @@ class QwenVLPruning(MRoPEPruning):
             t_factor = float(seconds[index]) * tokens_per_second
         return t, h // merge, w // merge, t_factor
 
+    def full_span(self, feature, span):
+        merge = self.config.vision_config.spatial_merge_size
+        n = int(feature.data[f"{feature.modality}_grid_thw"].data.prod()) // merge ** 2
+        return span if len(span) == n else span[:1] * n  # n placeholders (one token id)
+
 
 @with_pruning_processor
 class DivPruneQwen2VL(QwenVLPruning, Qwen2VLForConditionalGeneration):
@@ -63,9 +68,7 @@ class DivPruneQwen3VL(QwenVLPruning, Qwen3VLForConditionalGeneration):
     The LLM sees what transformers + ``divprune_ext.hf`` give it. The frames' kept counts are
     read to the host (one sync per pruned video, as EVS).
 
-    Positions: vLLM's own ``get_mrope_input_positions`` on the *unpruned* prompt (each pruned
-    item put back to its full length), every placeholder of a pruned item at its item's first
-    position, text elsewhere at its unpruned position; the rows' offsets do the rest.
+    Positions: :class:`MRoPEPruning`'s; :meth:`full_span` puts a pruned video's frames back.
     """
 
     @classmethod
@@ -91,13 +94,14 @@ class DivPruneQwen3VL(QwenVLPruning, Qwen3VLForConditionalGeneration):
         t, h, w, _ = self.grid_of(modality, index, kwargs)
         timestamps = kwargs["timestamps"][index]
         timestamps = timestamps.tolist() if isinstance(timestamps, torch.Tensor) else list(timestamps)
-        counts = torch.bincount(picks.cpu() // (h * w), minlength=t).tolist()  # the host read: the layout
+        picks = picks.cpu()  # the host read: the frames' counts decide the layout
+        counts = torch.bincount(picks // (h * w), minlength=t).tolist()
         ids = torch.tensor(self._video_span(counts, timestamps))
         full = self._video_span([h * w] * t, timestamps)
-        positions = self._unpruned_positions(full, [self._video_feature(0, len(full), kwargs, index)])
+        positions = self.vllm_positions(full, [self._video_feature(0, len(full), kwargs, index)])[0]
         is_token, was_token = ids == self.config.video_token_id, torch.tensor(full) == self.config.video_token_id
         offsets = torch.empty(len(ids), 3, dtype=torch.int64)
-        offsets[is_token] = positions[:, was_token].t()[picks.cpu()]
+        offsets[is_token] = positions[:, was_token].t()[picks]
         offsets[~is_token] = positions[:, ~was_token].t()
         rows = item.new_zeros(len(ids), item.shape[1])
         rows[is_token.to(item.device)] = item.index_select(0, picks.to(item.device))
@@ -117,16 +121,10 @@ class DivPruneQwen3VL(QwenVLPruning, Qwen3VLForConditionalGeneration):
         return SimpleNamespace(modality="video", data={"video_grid_thw": grid},
                                mm_position=SimpleNamespace(offset=offset, length=length))
 
-    def _unpruned_positions(self, tokens, features):
-        return Qwen3VLForConditionalGeneration._get_mrope_input_positions(tokens, features, self.config)[0]
-
-    def _full_span(self, feature, span):
-        """The replacement ``span`` of an item as it is unpruned."""
-        merge = self.config.vision_config.spatial_merge_size
+    def full_span(self, feature, span):
         if feature.modality == "image":
-            t, h, w = feature.data["image_grid_thw"].data.tolist()
-            n = t * h * w // merge ** 2
-            return span if len(span) == n else [self.config.image_token_id] * n
+            return super().full_span(feature, span)
+        merge = self.config.vision_config.spatial_merge_size
         _, h, w = feature.data["video_grid_thw"].data.tolist()
         video, start = self.config.video_token_id, self.config.vision_start_token_id
         full = []
@@ -136,22 +134,3 @@ class DivPruneQwen3VL(QwenVLPruning, Qwen3VLForConditionalGeneration):
                 if token == start:
                     full += [video] * (h * w // merge ** 2)
         return full
-
-    def get_mrope_input_positions(self, input_tokens, mm_features):
-        input_tokens = list(input_tokens)
-        tokens, features, index, cursor = [], [], [], 0
-        for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
-            offset, length = feature.mm_position.offset, feature.mm_position.length
-            index += range(len(tokens), len(tokens) + offset - cursor)  # the text before it
-            tokens += input_tokens[cursor:offset]
-            full = self._full_span(feature, input_tokens[offset:offset + length])
-            features.append(SimpleNamespace(modality=feature.modality, data=feature.data,
-                                            mm_position=SimpleNamespace(offset=len(tokens), length=len(full))))
-            # a pruned item: all its placeholders at its first position (its rows carry their offsets)
-            index += range(len(tokens), len(tokens) + length) if len(full) == length else [len(tokens)] * length
-            tokens += full
-            cursor = offset + length
-        index += range(len(tokens), len(tokens) + len(input_tokens) - cursor)
-        tokens += input_tokens[cursor:]
-        positions = self._unpruned_positions(tokens, features)
-        return positions[:, index], int(positions.max()) + 1 - len(input_tokens)

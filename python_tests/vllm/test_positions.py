@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import divprune_ext
-from divprune_ext.vllm.core import OFFSET_INTS, _ratio_bits, grid_positions
+from divprune_ext.vllm.core import OFFSET_INTS, _ratio_bits
 from divprune_ext.vllm.qwen_vl import DivPruneQwen2_5_VL, DivPruneQwen2VL, DivPruneQwen3VL, QwenVLPruning
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration
@@ -198,7 +198,7 @@ def test_offsets_ride_exactly_with_their_rows(dtype):
     assert kept.shape == (k, 8 + OFFSET_INTS * 4 // kept.element_size()) and kept.dtype == dtype
     picks = divprune_ext.select(model.features[0], k, sorted=True, validate=False)
     assert torch.equal(kept[:, :8], model.features[0][picks])
-    expected = torch.from_numpy(grid_positions(1, 300, 2, 1.0))[:, picks]
+    expected = torch.from_numpy(np.indices((1, 300, 2)).reshape(3, -1))[:, picks]  # (t, row, column)
     assert expected.max() > 256 and not torch.equal(expected.to(torch.bfloat16).long(), expected)
 
     # the runner: text, then the item's placeholders in two prefill chunks (start position 5)
@@ -231,12 +231,19 @@ def test_items_at_ratio_one_are_returned_untouched():
     assert out[0] is model.features[0] and out[1].shape == (2, 8 + 4)
 
 
-def test_video_time_offsets_follow_vllms_scaling():
-    grid = grid_positions(4, 2, 3, 0.5 * 2.0)
-    assert grid.shape == (3, 24) and grid[0].tolist() == sum(([t] * 6 for t in range(4)), [])
-    scaled = grid_positions(5, 1, 1, 0.7)
-    assert scaled[0].tolist() == [int(t * 0.7) for t in range(5)]
-    assert np.array_equal(grid_positions(1, 3, 2, 1.0)[1:], np.indices((3, 2)).reshape(2, -1))
+@pytest.mark.parametrize("seconds", [0.5, 0.35])
+def test_video_offsets_are_vllms_own_positions(seconds):
+    """A pruned video's rows carry the offsets vLLM's Qwen2.5-VL gives those tokens unpruned
+    (its frames scaled by second_per_grid_ts x tokens_per_second and truncated)."""
+    model = bare(DivPruneQwen2_5_VL)
+    thw, n = (5, 4, 6), 5 * 2 * 3
+    kwargs = {"video_grid_thw": torch.tensor([thw]), "second_per_grid_ts": torch.tensor([seconds])}
+    picks = torch.tensor([0, 7, 12, 20, 29])
+    kept = model._kept(torch.randn(n, 8), picks, "video", 0, kwargs)
+    offsets = kept[:, 8:].contiguous().view(torch.int32)[:, :3].t().long()
+    tokens, features = prompt([("video", 0, thw, seconds)], lambda n: n, tail=0)
+    theirs, _ = Qwen2_5_VLForConditionalGeneration.get_mrope_input_positions(model, tokens, features)
+    assert torch.equal(offsets, theirs[:, picks])
 
 
 def test_pipeline_parallelism_is_refused():

@@ -318,8 +318,9 @@ class MRoPEPruning(PruningModel):
 
     vLLM computes a request's positions once, before the encoder runs
     (``get_mrope_input_positions``, from the prompt and the items' grids), so the picks are not
-    known there. vLLM's own post-encoder hook (``recompute_mrope_positions``) is switched on only by
-    the GPU runner, for its video pruning. Instead:
+    known there. vLLM's own post-encoder hook (``recompute_mrope_positions``, which writes into
+    the runner's per-request positions) is switched on only with vLLM's video pruning
+    (``video_pruning_rate > 0``) and never on the V1 CPU runner. Instead:
 
     - ``get_mrope_input_positions`` runs vLLM's own on the *unpruned* prompt (each pruned item put
       back to its full replacement, :meth:`full_span`) and gives every placeholder of a pruned
@@ -329,22 +330,27 @@ class MRoPEPruning(PruningModel):
       int32 bits in extra columns (``OFFSET_INTS``) (``view``: exact in any dtype; float columns would round
       positions above 256 in bf16). The rows travel through the encoder cache and chunking with
       their offsets.
-    - ``embed_input_ids`` (called by the runner right before ``forward``, in the same step) strips
-      the columns before merging and keeps the offsets with the multimodal mask; ``forward`` adds
-      them to the positions of those tokens (out of place: the runner's buffer is not touched).
-      Each row carries its own offset, so chunked prefill and several items in one chunk need
-      nothing more.
+    - ``embed_input_ids`` (called by the runner every step, eagerly, before the forward pass: V1
+      ``_preprocess``, V2 ``EncoderRunner.get_inputs_embeds``) strips the columns before merging
+      and scatters the offsets to their tokens in a buffer of the model's own, allocated once
+      (``position_offsets``: (3, max_num_batched_tokens), zero where a token has none).
+    - ``forward`` adds that buffer to ``positions`` **in place**, then zeroes it. ``positions`` is
+      the runner's own buffer (V1 ``mrope_positions``, V2 ``RopeState.positions``), refilled by the
+      runner every step; both tensors live as long as the model, so a captured CUDA graph (piecewise,
+      full or breakable) that holds the add reads and writes the same memory on replay, and the
+      decoder reads the corrected positions from the buffer it captured. No host sync: the
+      scatter is a cumulative sum and a gather.
+    Each row carries its own offset, so chunked prefill and several items in one chunk need nothing
+    more. Refused at engine start: pipeline parallelism (later stages never see the offsets) and
+    micro-batching (``forward`` runs once per micro-batch on a slice of the positions).
     """
-    _divprune_offsets = None
 
     def __init__(self, *, vllm_config, prefix: str = ""):
-        # Only the first pipeline stage embeds the prompt, so later stages would never see the
-        # offsets and would rotate the kept tokens by their item's start position alone.
-        stages = getattr(getattr(vllm_config, "parallel_config", None), "pipeline_parallel_size", 1)
-        if stages > 1:
-            raise ValueError(f"divprune_ext: {type(self).__name__} with pipeline parallelism ({stages} stages) is "
-                             "not supported: the kept tokens' positions reach the first stage only")
+        refuse_position_breaking_config(type(self).__name__, vllm_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
+        tokens = vllm_config.scheduler_config.max_num_batched_tokens  # the most tokens one step runs
+        # a buffer, so that it follows the model to its device; not in the state dict
+        self.register_buffer("position_offsets", torch.zeros(3, tokens, dtype=torch.int64), persistent=False)
 
     def embedding_width(self) -> int:
         """Columns of ``embed_multimodal``'s rows without offsets (the LLM's hidden size here)."""
@@ -397,32 +403,59 @@ class MRoPEPruning(PruningModel):
         return positions[:, index], delta + len(tokens) - len(input_tokens)
 
     def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
-        self._divprune_offsets = None
+        offsets = self.position_offsets
+        offsets.zero_()
         if multimodal_embeddings is not None and len(multimodal_embeddings) > 0:
             hidden = self.embedding_width()
-            stripped, offsets, carried = [], [], False
+            stripped, per_row, carried = [], [], False
             for embeds in multimodal_embeddings:
                 if embeds.shape[-1] == hidden:
                     stripped.append(embeds)
-                    offsets.append(torch.zeros(len(embeds), 3, dtype=torch.int32, device=embeds.device))
+                    per_row.append(torch.zeros(len(embeds), 3, dtype=torch.int32, device=embeds.device))
                 else:
                     carried = True
                     part = embeds[:, :hidden]
                     if hasattr(embeds, "modality"):
                         part.modality = embeds.modality
                     stripped.append(part)
-                    offsets.append(embeds[:, hidden:].contiguous().view(torch.int32)[:, :3])
+                    per_row.append(embeds[:, hidden:].contiguous().view(torch.int32)[:, :3])
             if carried:
-                self._divprune_offsets = (torch.cat(offsets), is_multimodal)
+                scatter_offsets(offsets, torch.cat(per_row), is_multimodal)
             multimodal_embeddings = stripped
         return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
-        carried, self._divprune_offsets = self._divprune_offsets, None
-        if carried is not None and inputs_embeds is not None:
-            offsets, is_multimodal = carried
-            rows = is_multimodal.nonzero().squeeze(1).to(positions.device)
-            if len(rows) != len(offsets):
-                raise RuntimeError(f"divprune_ext: {len(offsets)} position offsets for {len(rows)} multimodal tokens")
-            positions = positions.index_add(1, rows, offsets.t().to(positions.device, positions.dtype))
+        if positions.dim() == 2:  # (3, tokens): M-RoPE (a text-only model config would give 1-D)
+            tokens = positions.shape[1]
+            if tokens > self.position_offsets.shape[1]:
+                raise RuntimeError(f"divprune_ext: {tokens} positions in one forward pass, more than the "
+                                   f"{self.position_offsets.shape[1]} (max_num_batched_tokens) it was built for")
+            positions.add_(self.position_offsets[:, :tokens])  # the runner's buffer, in place
+            self.position_offsets.zero_()
         return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+
+
+def scatter_offsets(out: torch.Tensor, per_row: torch.Tensor, is_multimodal: torch.Tensor) -> None:
+    """``out[:, i]`` = the offset of the multimodal row that fills token ``i`` (``per_row`` in
+    token order, one per True of ``is_multimodal``), 0 at text tokens; on the device, no host sync."""
+    tokens = len(is_multimodal)
+    if tokens > out.shape[1]:
+        raise RuntimeError(f"divprune_ext: {tokens} tokens in one step, more than the {out.shape[1]} "
+                           "(max_num_batched_tokens) the position offsets were allocated for")
+    mask = is_multimodal.to(out.device)
+    row = (mask.cumsum(0) - 1).clamp_(min=0)  # token -> the multimodal row it takes
+    gathered = per_row.to(out.device, out.dtype).index_select(0, row)
+    out[:, :tokens] = (gathered * mask.unsqueeze(1)).t()
+
+
+def refuse_position_breaking_config(model: str, vllm_config) -> None:
+    """ValueError at engine start for configurations in which the kept tokens' positions cannot
+    reach the language model (see :class:`MRoPEPruning`)."""
+    parallel = getattr(vllm_config, "parallel_config", None)
+    stages = getattr(parallel, "pipeline_parallel_size", 1)
+    if stages > 1:
+        raise ValueError(f"divprune_ext: {model} with pipeline parallelism ({stages} stages) is not supported: "
+                         "the kept tokens' positions reach the first stage only")
+    if getattr(parallel, "use_ubatching", False):
+        raise ValueError(f"divprune_ext: {model} with micro-batching (enable_dbo / ubatch_size) is not supported: "
+                         "the kept tokens' positions are added once per step, not per micro-batch")

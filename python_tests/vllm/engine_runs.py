@@ -16,6 +16,12 @@
   its placeholders' embedding counts (``lengths``) and the family's ``max`` tokens per item.
 
 A request: ``{"prompt": [parts], "ratio": r or null, "seed": s}`` (see ``harness``).
+
+``"replay_positions": true`` in the spec: CUDA-graph replay semantics for the positions, on the
+CPU. A replayed graph reads the buffers it captured, the runner's own, not the tensors the
+model class passes; so the language model's decoder is handed the runner's position buffer
+(the same number of columns) whatever ``positions`` the plugin's ``forward`` passes it. Anything
+the plugin puts into a tensor of its own is lost, as it would be under a real replay.
 """
 import json
 import sys
@@ -57,6 +63,32 @@ def image_embeds(path, spec):
     return features[0].unsqueeze(0).float()  # (1, n, H): one image
 
 
+def runner_positions(runner):
+    """The model runner's own M-RoPE position buffer: V1 ``mrope_positions``, V2 ``RopeState.positions``."""
+    if getattr(runner, "mrope_positions", None) is not None:
+        return runner.mrope_positions.gpu
+    return runner.model_state.rope_state.positions
+
+
+def replay_positions(worker):
+    """(Runs in each worker, through ``collective_rpc``.) The decoder reads the runner's position buffer."""
+    runner = worker.model_runner
+    buffer = runner_positions(runner)
+    decoder = runner.get_model().get_language_model().model
+
+    forward = decoder.forward
+
+    def replayed(*args, **kwargs):  # an instance attribute: vLLM's compile wrapper calls self.forward
+        if "positions" in kwargs:
+            kwargs["positions"] = buffer[:, :kwargs["positions"].shape[-1]]
+        else:
+            args = (args[0], buffer[:, :args[1].shape[-1]], *args[2:])
+        return forward(*args, **kwargs)
+
+    decoder.forward = replayed
+    return type(decoder).__name__
+
+
 def run(spec):
     from vllm import LLM, SamplingParams
 
@@ -66,6 +98,8 @@ def run(spec):
                              **spec.get("engine", {})})
     params = SamplingParams(temperature=0, max_tokens=harness.MAX_NEW_TOKENS, ignore_eos=True)
     out = {}
+    if spec.get("replay_positions"):
+        out["replay_positions"] = llm.collective_rpc(replay_positions)
     for name, job in spec["jobs"].items():
         kind = job.get("kind", "generate")
         if kind == "generate":

@@ -56,8 +56,8 @@ def _prefer_installed_divprune():
     """``python -m`` puts the working directory (the repository root) first on sys.path, where
     ``divprune_ext/`` is the source tree: its ``_C`` may be built for another torch and it carries
     no plugin entry point. When an installed divprune_ext exists (the copy vLLM loads the plugin
-    from), move the root to the end of sys.path: ``bench`` and ``python_tests`` still import from
-    it, ``divprune_ext`` is the installed copy, here and in the engine processes vLLM spawns (they
+    from), move the root to the end of sys.path: ``bench`` still imports from it, ``divprune_ext``
+    is the installed copy, here and in the engine processes vLLM spawns (they
     inherit sys.path)."""
     import importlib.machinery
 
@@ -225,11 +225,11 @@ def describe_shape(family: str, shape: dict, image_size) -> str:
 
 def build_llava(directory: str, shape: dict) -> str:
     """A random LLaVA-1.5-shaped checkpoint with its processor, saved as vLLM loads it. Tokenizer,
-    chat template and weight rename are the vLLM tests' (python_tests/vllm/checkpoints.py)."""
+    chat template and weight rename are the vLLM tests' (divprune_ext.testing.checkpoints)."""
     import torch
     import transformers
 
-    from python_tests.vllm import checkpoints
+    from divprune_ext.testing import checkpoints
 
     tok = checkpoints.tokenizer(checkpoints.LLAVA_SPECIAL, checkpoints.LLAVA_TEMPLATE, pad_token="<pad>",
                                 bos_token="<s>", eos_token="</s>", unk_token="<unk>")
@@ -259,18 +259,18 @@ def build_llava(directory: str, shape: dict) -> str:
     model.save_pretrained(directory, safe_serialization=True)
     del model
     processor.save_pretrained(directory)
-    checkpoints._rename(directory, checkpoints.RENAMES["llava"])  # vision_tower.vision_model.*, as vLLM loads
+    checkpoints.rename_weights(directory, checkpoints.RENAMES["llava"])  # vision_tower.vision_model.*, as vLLM loads
     return directory
 
 
 def build_qwen2_vl(directory: str, shape: dict, image_size) -> str:
     """A random Qwen2-VL-shaped checkpoint with its processor, saved as vLLM loads it. Tokenizer,
-    chat template and special tokens are the vLLM tests' (python_tests/vllm/checkpoints.py ``_qwen``);
+    chat template and special tokens are the vLLM tests' (divprune_ext.testing.checkpoints);
     the image processor takes images up to ``image_size`` without shrinking them (max_pixels)."""
     import torch
     import transformers
 
-    from python_tests.vllm import checkpoints
+    from divprune_ext.testing import checkpoints
 
     tok = checkpoints.tokenizer(checkpoints.QWEN_SPECIAL, checkpoints.QWEN_TEMPLATE, pad_token="<|endoftext|>",
                                 eos_token="<|im_end|>")
@@ -349,7 +349,7 @@ class Requests:
     def __call__(self, ratio: float, count: int) -> list:
         from PIL import Image
 
-        from python_tests.vllm.harness import pixels
+        from divprune_ext.testing.checkpoints import pixels
 
         out = []
         for _ in range(count):

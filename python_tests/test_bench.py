@@ -1,6 +1,10 @@
 """The benchmark suite's own code, on the CPU with tiny shapes and models, so that a
 run of `bash bench/gpu_check.sh` on a GPU never meets it untried."""
+import ast
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -95,3 +99,59 @@ def test_e2e_full_size_models_skip_without_a_gpu(capsys):
     assert e2e.prefill_benchmark("cpu") is None
     assert e2e.llava_prefill_benchmark("cpu") is None
     assert "needs a GPU" in capsys.readouterr().out
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Modules of the test suite: python_tests itself and what its folders put on sys.path by name.
+TEST_SUITE = {"python_tests", "hf_tiny", "helpers", "simt_kernels", "checkpoints", "harness", "engine_runs"}
+
+
+def test_tools_and_package_do_not_import_the_test_suite():
+    """The arrows run from the tests to the code, never back: bench/ and divprune_ext/ take what they
+    share with the tests from divprune_ext.testing."""
+    offenders = []
+    for folder in ("bench", "divprune_ext"):
+        for directory, _, files in os.walk(os.path.join(ROOT, folder)):
+            for name in files:
+                if not name.endswith(".py"):
+                    continue
+                path = os.path.join(directory, name)
+                with open(path, encoding="utf-8") as f:
+                    tree = ast.parse(f.read(), path)
+                for node in ast.walk(tree):
+                    modules = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                        [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+                    offenders += [f"{os.path.relpath(path, ROOT)}:{node.lineno} imports {m}" for m in modules
+                                  if m.split(".")[0] in TEST_SUITE]
+    assert offenders == []
+
+
+def test_serving_builds_its_random_checkpoint_without_vllm(tmp_path):
+    """bench.serving's random LLaVA-1.5-shaped checkpoint (its pieces from divprune_ext.testing) saves
+    as vLLM loads it and gives 576 image tokens an image; a fresh Python, since importing bench.serving
+    moves the repository root to the end of sys.path where divprune_ext is installed."""
+    code = ("import sys\n"
+            "from bench import serving\n"
+            "args = serving.parse_args(['--quick'])\n"
+            "requests = serving.Requests('USER: <image>\\nhello ASSISTANT:', args.image_size)(0.25, 2)\n"
+            "assert [r['mm_processor_kwargs'] for r in requests] == [{'divprune_keep_ratio': 0.25}] * 2\n"
+            "print(serving.build(args, sys.argv[1]))\n")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    path = done.stdout.strip().splitlines()[-1]
+    from PIL import Image
+    from safetensors import safe_open
+
+    from divprune_ext.testing import pixels
+    names = []
+    for name in os.listdir(path):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(path, name), "pt") as f:
+                names += list(f.keys())
+    assert any("vision_tower.vision_model." in n for n in names)  # renamed as vLLM's CLIP loads them
+    processor = transformers.AutoProcessor.from_pretrained(path)
+    inputs = processor(images=Image.fromarray(pixels((336, 336), 0)), text="USER: <image>\nhello ASSISTANT:",
+                       return_tensors="pt")
+    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert (inputs["input_ids"] == image_token).sum().item() == 576

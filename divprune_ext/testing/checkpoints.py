@@ -1,0 +1,345 @@
+"""Tiny random vision-language checkpoints that vLLM and transformers load, built locally (nothing
+downloaded). The vLLM tests (python_tests/vllm), the docs test and ``bench.serving`` build theirs here.
+
+``build(kind, directory) -> path`` writes a float32 model of ``kind`` (one of ``KINDS``) made from
+a config with seeded random weights, and a working processor (image processor, a tokenizer
+trained here on a few sentences, the family's special tokens and a chat template), into
+``directory``. Same kind, same files: the weights come from ``torch.manual_seed(SEED)``.
+
+Sizes: text hidden 64 with 2 heads (head_dim 32, the smallest vLLM's CPU attention takes),
+2 layers; vision towers of 2 layers. LLaVA: CLIP 56x56 images in 14x14 patches -> 16 tokens an
+image. Qwen-VL: 14x14 patches merged 2x2, 16 to 64 merged tokens an image (min / max_pixels),
+so tall and wide images get different grids. LLaVA-NeXT / NeXT-Video / OneVision: CLIP 16x16
+tiles in 4x4 patches (16 tokens a tile), anyres over 1x2, 2x1 and 2x2 tiles (36 to 88 tokens an
+image with its newline rows); a video frame pools to 2x2 tokens. Qwen3-VL: 16x16 patches merged
+2x2, 16 to 64 merged tokens an image, a video's pixels counted over all its frames (4 frames of
+64x96: 2 frames of 2x3 tokens, each after its "<t seconds>" timestamp); deepstack from both vision
+layers. Gemma 3: SigLIP 56x56 images in 14x14 patches -> 16 tokens an image of any shape; with
+pan-and-scan (mm_processor_kwargs ``do_pan_and_scan=True, pan_and_scan_min_crop_size=28``: the
+default minimum, 256, leaves these small images uncropped) 16 more a crop, 2 or 3 crops of an image
+1.2 to 4 times as wide as tall or the other way. ``initializer_range`` 0.3: random weights at the
+default 0.02 barely look at the image, and different images must give different greedy tokens.
+
+The pieces are public for checkpoints of other shapes (``bench.serving``'s): :func:`tokenizer`
+(a word-level tokenizer with a family's special tokens and chat template: ``*_SPECIAL``,
+``*_TEMPLATE``), :func:`rename_weights` with ``RENAMES`` (the weight names vLLM loads), and
+:func:`pixels` (seeded test images). torch, transformers and tokenizers are imported by the
+functions that use them, so importing this module costs nothing.
+
+Adding a kind: a function ``_<kind>() -> (model, processor)`` in ``BUILDERS``, and a rename in
+``RENAMES`` when vLLM's weight loader expects other names than transformers saves.
+"""
+from __future__ import annotations  # the annotations name torch / transformers types: not evaluated
+
+import json
+import os
+from typing import Callable, Dict, List, Sequence, Tuple
+
+__all__ = ["KINDS", "SEED", "INIT", "build", "tokenizer", "rename_weights", "RENAMES", "pixels",
+           "LLAVA_SPECIAL", "NEXT_SPECIAL", "GEMMA_SPECIAL", "QWEN_SPECIAL",
+           "LLAVA_TEMPLATE", "NEXT_TEMPLATE", "GEMMA_TEMPLATE", "QWEN_TEMPLATE", "SENTENCES"]
+
+SEED = 0
+INIT = 0.3
+KINDS = ["llava", "qwen2_vl", "qwen2_5_vl", "llava_next", "llava_next_video", "llava_onevision", "gemma3",
+         "qwen3_vl"]
+LLAVA_SIDE, LLAVA_PATCH = 56, 14
+# LLaVA-NeXT / NeXT-Video / OneVision: 16x16 tiles in 4x4 patches (16 tokens a tile; a video frame
+# pools to 2x2); anyres over 1x2, 2x1 and 2x2 tiles. vLLM's NeXT-Video pooler divides by
+# image_size // patch_size**2, which must not be 0.
+NEXT_SIDE, NEXT_PATCH = 16, 4
+NEXT_PINPOINTS = [[16, 32], [32, 16], [32, 32]]
+QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 16 * 28 * 28, 64 * 28 * 28
+# Qwen3-VL: 16x16 patches merged 2x2 (32 px a merged token); its video processor counts a video's
+# pixels over all its frames.
+QWEN3_PATCH = 16
+QWEN3_MIN_PIXELS, QWEN3_MAX_PIXELS = 16 * 32 * 32, 64 * 32 * 32
+# Gemma 3: SigLIP 56x56 images in 14x14 patches, 16 tokens an image (its 4x4 patches pooled 1x1).
+GEMMA_SIDE, GEMMA_PATCH, GEMMA_TOKENS = 56, 14, 16
+SENTENCES = [
+    "what is in the image ?", "describe the picture in a few words .", "the cat sat on the mat .",
+    "a red ball and a blue box are on the table .", "compare the two images and the video .",
+    "user assistant system : hello world , how are you today ?", "one two three four five six seven eight nine ten",
+]
+TIMESTAMPS = "<0.1 seconds> <2.3 seconds> <4.5 seconds> <6.7 seconds> <8.9 seconds>"  # Qwen3-VL's, before each frame
+PAN_AND_SCAN = "Here is the original image and here are some crops to help you see better"  # Gemma 3's, with crops
+LLAVA_SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+NEXT_SPECIAL = LLAVA_SPECIAL + ["<video>"]
+# Gemma 3's processor writes "\n\n<start_of_image>...<end_of_image>\n\n" per image and vLLM joins the
+# newlines its replacement leaves next to the prompt's ("\n" + "\n\n" -> "\n\n\n") by looking the runs up in
+# the vocabulary: added tokens (matched longest first), as a word-level tokenizer splits at whitespace.
+# A space is a token too (as SentencePiece's): pan-and-scan crops are "...\n\n \n\n...", which vLLM would
+# join into "\n\n\n\n" were the space dropped.
+GEMMA_SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                 "<end_of_image>", "<image_soft_token>", "\n", "\n\n", "\n\n\n", "\n\n\n\n", " "]
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>"]
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' or part['type'] == 'image_url' %}<image>\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}\n"
+    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+NEXT_TEMPLATE = LLAVA_TEMPLATE.replace(
+    "<image>\n{% elif", "<image>\n{% elif part['type'] == 'video' or part['type'] == 'video_url' %}<video>\n{% elif")
+GEMMA_TEMPLATE = (
+    "{% for message in messages %}<start_of_turn>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' or part['type'] == 'image_url' %}<start_of_image>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<end_of_turn>\n"
+    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>assistant\n{% endif %}")
+QWEN_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' or part['type'] == 'image_url' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'video' or part['type'] == 'video_url' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tokenizer(special: List[str], template: str, sentences: List[str] = (), marks: bool = False,
+              **roles) -> transformers.PreTrainedTokenizerFast:
+    """A word-level tokenizer trained on SENTENCES + ``sentences``, the special tokens first (ids 0, 1, ...).
+    ``marks``: punctuation marks, digits and capitalized words are words of their own, also where no space
+    comes between (Qwen3-VL's frame timestamps "<1.2 seconds>": 6 tokens, as in Qwen's; Gemma 3's
+    pan-and-scan text after a prompt's "?": "?Here is the original image")."""
+    import transformers
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token=special[0] if "<unk>" not in special else "<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if marks:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(),
+            pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.Split(Regex("[A-Z]"), "merged_with_next")])
+    trainer = trainers.WordLevelTrainer(special_tokens=special + ["<unk>"] * ("<unk>" not in special))
+    tok.train_from_iterator(SENTENCES + list(sentences), trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=template, **roles)
+    fast.add_special_tokens({"additional_special_tokens": [t for t in special if t not in roles.values()]})
+    return fast
+
+
+def _text(vocab: int, **overrides) -> dict:
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=2048,
+                  initializer_range=INIT, tie_word_embeddings=False)
+    return {**common, **overrides}
+
+
+def _clip_llama(special: List[str], template: str, side: int, patch: int):
+    """The LLaVA family's tokenizer, CLIP vision config and Llama text config."""
+    import transformers
+    tok = tokenizer(special, template, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    vision = transformers.CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=side, patch_size=patch,
+                                           initializer_range=INIT, initializer_factor=1.0)
+    text = transformers.LlamaConfig(**_text(len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                            eos_token_id=tok.eos_token_id))
+    return tok, vision, text
+
+
+def _llava() -> Tuple[torch.nn.Module, object]:
+    import transformers
+    tok, vision, text = _clip_llama(LLAVA_SPECIAL, LLAVA_TEMPLATE, LLAVA_SIDE, LLAVA_PATCH)
+    config = transformers.LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                                      image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+                                      vision_feature_select_strategy="default", initializer_range=INIT)
+    model = transformers.LlavaForConditionalGeneration(config)
+    image = transformers.CLIPImageProcessor(size={"shortest_edge": LLAVA_SIDE},
+                                            crop_size={"height": LLAVA_SIDE, "width": LLAVA_SIDE})
+    processor = transformers.LlavaProcessor(image_processor=image, tokenizer=tok, patch_size=LLAVA_PATCH,
+                                            vision_feature_select_strategy="default", chat_template=LLAVA_TEMPLATE,
+                                            num_additional_image_tokens=1)
+    return model, processor
+
+
+def _llava_next(kind: str) -> Tuple[torch.nn.Module, object]:
+    """LLaVA-NeXT (images), LLaVA-NeXT-Video (vLLM serves its videos only) and LLaVA-OneVision."""
+    import transformers
+    tok, vision, text = _clip_llama(NEXT_SPECIAL, NEXT_TEMPLATE, NEXT_SIDE, NEXT_PATCH)
+    ids = dict(image_token_index=tok.convert_tokens_to_ids("<image>"))
+    if kind != "llava_next":
+        ids["video_token_index"] = tok.convert_tokens_to_ids("<video>")
+    common = dict(vision_config=vision.to_dict(), text_config=text.to_dict(), vision_feature_layer=-1,
+                  vision_feature_select_strategy="default", image_grid_pinpoints=NEXT_PINPOINTS,
+                  initializer_range=INIT, **ids)
+    size = dict(size={"shortest_edge": NEXT_SIDE}, crop_size={"height": NEXT_SIDE, "width": NEXT_SIDE},
+                image_grid_pinpoints=NEXT_PINPOINTS)
+    tokens = dict(tokenizer=tok, chat_template=NEXT_TEMPLATE, vision_feature_select_strategy="default")
+    if kind == "llava_next":
+        model = transformers.LlavaNextForConditionalGeneration(transformers.LlavaNextConfig(**common))
+        processor = transformers.LlavaNextProcessor(image_processor=transformers.LlavaNextImageProcessor(**size),
+                                                    patch_size=NEXT_PATCH, num_additional_image_tokens=1, **tokens)
+    elif kind == "llava_next_video":
+        model = transformers.LlavaNextVideoForConditionalGeneration(transformers.LlavaNextVideoConfig(**common))
+        video = transformers.LlavaNextVideoVideoProcessor(size={"shortest_edge": NEXT_SIDE},
+                                                          crop_size={"height": NEXT_SIDE, "width": NEXT_SIDE})
+        processor = transformers.LlavaNextVideoProcessor(
+            video_processor=video, image_processor=transformers.LlavaNextImageProcessor(**size),
+            patch_size=NEXT_PATCH, num_additional_image_tokens=1, **tokens)
+    else:
+        model = transformers.LlavaOnevisionForConditionalGeneration(transformers.LlavaOnevisionConfig(**common))
+        image = transformers.LlavaOnevisionImageProcessor(size={"height": NEXT_SIDE, "width": NEXT_SIDE},
+                                                          image_grid_pinpoints=NEXT_PINPOINTS)
+        video = transformers.LlavaOnevisionVideoProcessor(size={"height": NEXT_SIDE, "width": NEXT_SIDE})
+        processor = transformers.LlavaOnevisionProcessor(image_processor=image, video_processor=video,
+                                                         num_image_tokens=(NEXT_SIDE // NEXT_PATCH) ** 2 + 1, **tokens)  # + CLS
+    return model, processor
+
+
+def _qwen(kind: str) -> Tuple[torch.nn.Module, object]:
+    import transformers
+    qwen3 = dict(sentences=[TIMESTAMPS], marks=True) if kind == "qwen3_vl" else {}
+    tok = tokenizer(QWEN_SPECIAL, QWEN_TEMPLATE, pad_token="<|endoftext|>", eos_token="<|im_end|>", **qwen3)
+    vocab = len(tok)
+    ids = dict(image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+               video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+               vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+               vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"))
+    # bos: the tokenizer has none; the config's default (151643) lies outside this vocabulary
+    text = _text(vocab, pad_token_id=tok.pad_token_id, bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                 rope_parameters={"rope_type": "default", "mrope_section": [8, 4, 4], "rope_theta": 10000.0})
+    vision = dict(depth=2, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                  initializer_range=INIT)
+    if kind == "qwen2_vl":
+        vision.update(embed_dim=64, hidden_size=64, mlp_ratio=2)
+        model = transformers.Qwen2VLForConditionalGeneration(
+            transformers.Qwen2VLConfig(text_config=text, vision_config=vision, **ids))
+    elif kind == "qwen2_5_vl":
+        vision.update(hidden_size=64, intermediate_size=128, out_hidden_size=64, window_size=56,
+                      fullatt_block_indexes=[1], tokens_per_second=2)
+        model = transformers.Qwen2_5_VLForConditionalGeneration(
+            transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids))
+    else:  # Qwen3-VL: interleaved M-RoPE; both vision layers' features also enter LLM layers 0 and 1 (deepstack)
+        text.update(head_dim=32)
+        text["rope_parameters"]["mrope_interleaved"] = True
+        vision.update(patch_size=QWEN3_PATCH, hidden_size=64, intermediate_size=128, out_hidden_size=64,
+                      num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
+        model = transformers.Qwen3VLForConditionalGeneration(
+            transformers.Qwen3VLConfig(text_config=text, vision_config=vision, **ids))
+    patch, norm = vision["patch_size"], {}
+    if kind == "qwen3_vl":
+        size = {"shortest_edge": QWEN3_MIN_PIXELS, "longest_edge": QWEN3_MAX_PIXELS}
+        video = transformers.Qwen3VLVideoProcessor(size=size, patch_size=patch, merge_size=2, temporal_patch_size=2,
+                                                   do_sample_frames=False, cap_pixels_per_frame=False)
+        # vLLM normalizes videos too on the device with the image processor's mean / std: those of the
+        # video processor (0.5), as Qwen3-VL's own configs have them
+        norm = dict(image_mean=video.image_mean, image_std=video.image_std)
+    else:
+        size = {"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": QWEN_MAX_PIXELS}
+        video = transformers.Qwen2VLVideoProcessor(size=size, patch_size=patch, merge_size=2, temporal_patch_size=2,
+                                                   do_sample_frames=False)
+    image = transformers.Qwen2VLImageProcessor(size=size, patch_size=patch, merge_size=2, temporal_patch_size=2, **norm)
+    cls = {"qwen2_vl": transformers.Qwen2VLProcessor, "qwen2_5_vl": transformers.Qwen2_5_VLProcessor,
+           "qwen3_vl": transformers.Qwen3VLProcessor}[kind]
+    processor = cls(image_processor=image, tokenizer=tok, video_processor=video, chat_template=QWEN_TEMPLATE)
+    return model, processor
+
+
+def _gemma3() -> Tuple[torch.nn.Module, object]:
+    import torch
+    import transformers
+    names = dict(boi_token="<start_of_image>", eoi_token="<end_of_image>", image_token="<image_soft_token>")
+    tok = tokenizer(GEMMA_SPECIAL, GEMMA_TEMPLATE, sentences=[PAN_AND_SCAN], marks=True, pad_token="<pad>",
+                    bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", **names)
+    ids = dict(boi_token_index=tok.convert_tokens_to_ids(names["boi_token"]),
+               eoi_token_index=tok.convert_tokens_to_ids(names["eoi_token"]),
+               image_token_index=tok.convert_tokens_to_ids(names["image_token"]))
+    # 2 layers: one sliding-window layer (local RoPE), one global; the window is longer than the prompts.
+    # Attention scaled by 4 ** -0.5 (q and k are RMS-normed): sharper, so that the image tells more.
+    text = transformers.Gemma3TextConfig(**_text(len(tok), head_dim=32, query_pre_attn_scalar=4, sliding_window=512,
+                                                 layer_types=["sliding_attention", "full_attention"],
+                                                 pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                                 eos_token_id=tok.eos_token_id))
+    vision = transformers.SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                             num_attention_heads=2, image_size=GEMMA_SIDE, patch_size=GEMMA_PATCH,
+                                             vision_use_head=False)
+    config = transformers.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                       mm_tokens_per_image=GEMMA_TOKENS, initializer_range=INIT,
+                                       tie_word_embeddings=False, **ids)
+    model = transformers.Gemma3ForConditionalGeneration(config)
+    # The image projection starts at zero (the image would not matter): random, from the seeded generator.
+    # Gemma scales the token embeddings by sqrt(hidden): drawn at INIT / sqrt(hidden), a token enters the
+    # LLM at INIT as in the other families (at INIT it outweighs what the layers add, and the greedy
+    # tokens hardly depend on the image).
+    torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=INIT)
+    with torch.no_grad():
+        model.model.language_model.embed_tokens.weight.mul_(text.hidden_size ** -0.5)
+    image = transformers.Gemma3ImageProcessor(size={"height": GEMMA_SIDE, "width": GEMMA_SIDE})
+    processor = transformers.Gemma3Processor(image_processor=image, tokenizer=tok, chat_template=GEMMA_TEMPLATE,
+                                             image_seq_length=GEMMA_TOKENS)
+    return model, processor
+
+
+BUILDERS: Dict[str, Callable[[], Tuple[torch.nn.Module, object]]] = {
+    "llava": _llava,
+    "qwen2_vl": lambda: _qwen("qwen2_vl"),
+    "qwen2_5_vl": lambda: _qwen("qwen2_5_vl"),
+    "llava_next": lambda: _llava_next("llava_next"),
+    "llava_next_video": lambda: _llava_next("llava_next_video"),
+    "llava_onevision": lambda: _llava_next("llava_onevision"),
+    "gemma3": _gemma3,
+    "qwen3_vl": lambda: _qwen("qwen3_vl"),
+}
+
+
+def vision_model_prefix(name: str) -> str:
+    """vLLM's CLIP (Gemma 3: SigLIP) tower holds its weights under vision_tower.vision_model.*, as the
+    original checkpoints do; transformers 5.19 saves them as vision_tower.* (older: model.vision_tower.*)."""
+    for prefix in ("vision_tower.", "model.vision_tower."):
+        if name.startswith(prefix) and not name.startswith(prefix + "vision_model."):
+            return prefix + "vision_model." + name[len(prefix):]
+    return name
+
+
+RENAMES: Dict[str, Callable[[str], str]] = {kind: vision_model_prefix for kind in
+                                            ("llava", "llava_next", "llava_next_video", "llava_onevision", "gemma3")}
+
+
+def rename_weights(directory: str, rename: Callable[[str], str]) -> None:
+    """Rename the weights of the safetensors checkpoint in ``directory`` (files and index) in place."""
+    from safetensors.torch import load_file, save_file
+    files = [f for f in os.listdir(directory) if f.endswith(".safetensors")]
+    for f in files:
+        path = os.path.join(directory, f)
+        tensors = load_file(path)
+        save_file({rename(k): v.contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as fh:
+            data = json.load(fh)
+        data["weight_map"] = {rename(k): v for k, v in data["weight_map"].items()}
+        with open(index, "w") as fh:
+            json.dump(data, fh)
+
+
+def build(kind: str, directory: str) -> str:
+    """Write the tiny ``kind`` checkpoint and its processor into ``directory``; return its path."""
+    if kind not in BUILDERS:
+        raise ValueError(f"unknown kind {kind!r}; known: {sorted(BUILDERS)}")
+    import torch
+
+    os.makedirs(directory, exist_ok=True)
+    torch.manual_seed(SEED)
+    model, processor = BUILDERS[kind]()
+    model = model.float().eval()
+    model.generation_config.eos_token_id = None  # generate() runs to max_new_tokens (vLLM: ignore_eos)
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    model.save_pretrained(directory, safe_serialization=True)
+    processor.save_pretrained(directory)
+    if kind in RENAMES:
+        rename_weights(directory, RENAMES[kind])
+    return directory
+
+
+def pixels(shape: Sequence[int], seed: int):
+    """uint8 numpy array (..., H, W, 3): seeded noise over a colour gradient that depends on the seed,
+    so that tall, wide and repeated images differ (``PIL.Image.fromarray`` makes an image of it)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    *lead, h, w = shape
+    ramp = np.linspace(0, 1, h)[:, None, None] * rng.uniform(0, 255, 3) + np.linspace(0, 1, w)[None, :, None] * 60
+    noise = rng.integers(0, 120, size=(*lead, h, w, 3))
+    return np.clip(ramp + noise, 0, 255).astype(np.uint8)

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import divprune_ext.vllm
-from divprune_ext.vllm import check_vllm_version
+from divprune_ext.vllm import is_supported, supported_range
 from divprune_ext.vllm.core import check_ratio, default_ratio, ratios_from_bits, _ratio_bits
 
 
@@ -18,15 +18,18 @@ def test_importing_the_plugin_does_not_import_vllm():
     assert done.stdout.strip() == "False"
 
 
-@pytest.mark.parametrize("version", ["0.32.0", "0.32.1", "0.32.0+cpu", "0.32.3rc1"])
+@pytest.mark.parametrize("version", ["0.32.0", "0.32.1", "0.32.0+cpu", "0.33.0", "0.33.2rc1", "0.34.0", "0.34.1+cu130"])
 def test_supported_versions(version):
-    check_vllm_version(version)
+    assert is_supported(version)
 
 
-@pytest.mark.parametrize("version", ["0.31.9", "0.33.0", "1.0.0", "0.10.2"])
-def test_other_versions_get_an_error_naming_the_range(version):
-    with pytest.raises(RuntimeError, match=r"supports vLLM >=0\.32\.0,<0\.33\.0; installed: vLLM " + version):
-        check_vllm_version(version)
+@pytest.mark.parametrize("version", ["0.31.9", "0.35.0", "1.0.0", "0.10.2", "0.4.0"])
+def test_other_versions_are_not(version):
+    assert not is_supported(version)
+
+
+def test_the_range_reads_as_pip_writes_it():
+    assert supported_range() == ">=0.32.0,<0.35.0"
 
 
 @pytest.mark.parametrize("value", [0, 0.0, -0.5, 1.5, float("nan"), float("inf"), "0.5", True, None, [0.5]])

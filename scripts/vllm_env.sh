@@ -6,8 +6,13 @@
 # vllm.general_plugins entry point is in its metadata; the source tree's divprune_ext/_C*.so, built
 # for the system torch, is left alone); then pytest python_tests/vllm, run so that
 # `import divprune_ext` is the venv's installed copy.
+# Then the second tier: vLLM 0.33.0 and 0.34.0 have no CPU engine on PyPI, but their CUDA wheels,
+# installed with --no-deps into $VENV/vllm-<version> and put first on PYTHONPATH (with
+# VLLM_TARGET_DEVICE=cpu), import on this CPU stack: the loading, processor, position and Model
+# Runner V2 tests run against each release's own modules (no engine).
 # Switches: PYTHON (the python that makes the venv, default python3), DIVPRUNE_VLLM_SKIP_INSTALL=1
-# (don't rebuild / reinstall divprune_ext), DIVPRUNE_VLLM_SETUP_ONLY=1 (stop before the tests).
+# (don't rebuild / reinstall divprune_ext), DIVPRUNE_VLLM_SETUP_ONLY=1 (stop before the tests),
+# DIVPRUNE_VLLM_VERSIONS (the second tier's releases, default "0.33.0 0.34.0"; "" skips it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
@@ -95,3 +100,18 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE="${VLLM_CP
 export VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 TOKENIZERS_PARALLELISM=false
 say "pytest python_tests/vllm $*"
 "$VPY" -P -m pytest -p no:cacheprovider python_tests/vllm -q "$@"
+
+# 6. The second tier: the tests that need no engine, under each newer release's own Python modules.
+for version in ${DIVPRUNE_VLLM_VERSIONS-0.33.0 0.34.0}; do
+  overlay="$VENV/vllm-$version"
+  if ! PYTHONPATH="$overlay" VLLM_TARGET_DEVICE=cpu "$VPY" -P -c \
+      "import vllm, sys; sys.exit(vllm.__version__ != '$version')" >/dev/null 2>&1; then
+    say "vllm==$version (CUDA wheel, --no-deps) into $overlay"
+    rm -rf "$overlay"
+    "$VPY" -m pip install --quiet --no-deps --target "$overlay" "vllm==$version"
+  fi
+  say "pytest (vLLM $version): loading, processor, positions, Model Runner V2"
+  PYTHONPATH="$overlay" VLLM_TARGET_DEVICE=cpu "$VPY" -P -m pytest -p no:cacheprovider -q \
+    python_tests/vllm/test_loading.py python_tests/vllm/test_placeholders.py \
+    python_tests/vllm/test_positions.py python_tests/vllm/test_runner_v2.py
+done

@@ -9,7 +9,8 @@ set up (minutes per mutant: each runs engines):
     DIVPRUNE_VLLM_SETUP_ONLY=1 bash scripts/vllm_env.sh
     .venv-vllm/bin/python -P scripts/vllm_mutants.py [names...]
 
-Prints a table (mutant, caught or not, seconds); exits 1 if any mutant survived, 2 if a
+Prints a table (mutant, caught or not, seconds); exits 1 if any mutant survived (or its control
+tests, which must pass with it in, failed: they show which mode of the tests catches it), 2 if a
 mutation no longer applies.
 """
 import dataclasses
@@ -33,10 +34,16 @@ class Mutant:
     after: str
     breaks: str
     tests: list = dataclasses.field(default_factory=lambda: QWEN)
+    # tests that must still pass with the mutant in: they show that `tests` catch it, not these
+    control: list = dataclasses.field(default_factory=list)
 
 
 GEMMA3 = ["python_tests/vllm/test_families.py", "python_tests/vllm/test_placeholders.py", "-k",
           "gemma3 and (pruned or placeholder)"]
+# the engine tests with and without the graph-replay mode (the runner's position buffer reaches the decoder)
+REPLAYED = ["python_tests/vllm/test_families.py", "-k", "qwen2_vl and replay and (pruned or two_items)"]
+EAGER = ["python_tests/vllm/test_families.py", "-k", "qwen2_vl and not replay and (pruned or two_items)"]
+GRAPH = ["python_tests/vllm/test_positions.py", "-k", "replayed_graph"]
 QWEN3 = ["python_tests/vllm/test_families.py", "python_tests/vllm/test_placeholders.py",
          "python_tests/vllm/test_positions.py", "-k", "qwen3 and (pruned or placeholder or positions)"]
 
@@ -49,9 +56,15 @@ MUTANTS = [
            "one token too few selected per item"),
     Mutant("order-not-kept", "core.py", "sorted=True,", "sorted=False,",
            "kept tokens in selection order instead of their original order"),
-    Mutant("positions-not-restored", "core.py",
-           "positions = positions.index_add(1, rows, offsets.t().to(positions.device, positions.dtype))",
-           "positions = positions", "kept tokens all at their item's start position"),
+    Mutant("positions-not-restored", "core.py", "positions.add_(self.position_offsets[:, :tokens])",
+           "positions.add_(0 * self.position_offsets[:, :tokens])", "kept tokens all at their item's start position"),
+    Mutant("positions-new-tensor", "core.py", "positions.add_(self.position_offsets[:, :tokens])",
+           "positions = positions + self.position_offsets[:, :tokens]",
+           "positions passed as a new tensor (a replayed graph reads the runner's buffer)", REPLAYED, EAGER),
+    Mutant("positions-added-by-python", "core.py", "if positions.dim() == 2:",
+           "if positions.dim() == 2 and bool(self.position_offsets.any()):",
+           "the add runs only when Python sees offsets (a graph captured without them never adds them)",
+           GRAPH, ["python_tests/vllm/test_positions.py", "-k", "not replayed_graph"]),
     Mutant("text-positions-renumbered", "core.py",
            "full = self.full_span(feature, input_tokens[offset:offset + length])",
            "full = input_tokens[offset:offset + length]",
@@ -84,6 +97,11 @@ def installed_plugin() -> str:
     return os.path.join(os.path.dirname(spec.origin), "vllm")
 
 
+def pytest(tests):
+    return subprocess.run([sys.executable, "-P", "-m", "pytest", "-p", "no:cacheprovider", "-x", "-q", *tests],
+                          cwd=ROOT, capture_output=True, text=True)
+
+
 def run(mutant: Mutant, folder: str):
     path = os.path.join(folder, mutant.file)
     with open(path, encoding="utf-8") as f:
@@ -94,13 +112,16 @@ def run(mutant: Mutant, folder: str):
     try:
         with open(path, "w", encoding="utf-8") as f:
             f.write(original.replace(mutant.before, mutant.after))
-        done = subprocess.run([sys.executable, "-P", "-m", "pytest", "-p", "no:cacheprovider", "-x", "-q",
-                               *mutant.tests], cwd=ROOT, capture_output=True, text=True)
+        done = pytest(mutant.tests)
+        control = pytest(mutant.control) if mutant.control else None
     finally:
         with open(path, "w", encoding="utf-8") as f:
             f.write(original)
     failed = [line.split(" ")[1] for line in done.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
-    return ("caught: " + failed[0]) if done.returncode != 0 and failed else "SURVIVED", time.time() - start
+    result = ("caught: " + failed[0]) if done.returncode != 0 and failed else "SURVIVED"
+    if control is not None and control.returncode != 0:
+        result += " (CONTROL FAILED: the control tests catch it too)"
+    return result, time.time() - start
 
 
 def main() -> int:
@@ -110,7 +131,7 @@ def main() -> int:
     print("| mutant | what it breaks | result | s |\n| --- | --- | --- | --- |")
     for mutant in chosen:
         result, seconds = run(mutant, folder)
-        status = max(status, 2 if result == "does not apply" else 1 if result == "SURVIVED" else 0)
+        status = max(status, 2 if result == "does not apply" else 1 if result == "SURVIVED" or "CONTROL" in result else 0)
         print(f"| {mutant.name} | {mutant.breaks} | {result} | {seconds:.0f} |", flush=True)
     return status
 

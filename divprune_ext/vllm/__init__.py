@@ -21,12 +21,16 @@ text after an item keeps the positions it has in the unpruned prompt. Gemma 3: e
 crop is selected apart.
 
 Importing this module costs nothing; :func:`register` imports vLLM and checks its version
-(``SUPPORTED_VLLM``): any other version stops the engine with an error naming the range.
+(``SUPPORTED_VLLM``). Under any other version it registers nothing and logs a warning naming the
+supported range: vLLM runs unpatched (no pruning; a ``divprune_keep_ratio`` is not acted on), and
+models the plugin does not prune are served as ever.
 """
+import logging
+
 __all__ = ["register", "KEY", "SUPPORTED_VLLM", "SUPPORTED_ARCHITECTURES"]
 
 KEY = "divprune_keep_ratio"  # the request kwarg and the hf_config attribute (server-wide default)
-SUPPORTED_VLLM = ((0, 32, 0), (0, 33, 0))  # [lowest, first unsupported): the versions tested
+SUPPORTED_VLLM = ((0, 32, 0), (0, 35, 0))  # [lowest, first unsupported): the versions tested
 # architecture (the checkpoint's config.json "architectures") -> "module:class", imported lazily by vLLM
 SUPPORTED_ARCHITECTURES = {
     "LlavaForConditionalGeneration": "divprune_ext.vllm.llava:DivPruneLlava",
@@ -48,22 +52,29 @@ def _release(version: str):
     return tuple(parts + [0] * (3 - len(parts)))
 
 
-def check_vllm_version(version: str) -> None:
-    """RuntimeError unless ``version`` lies in ``SUPPORTED_VLLM``: the plugin subclasses vLLM's
-    model and processor classes, whose internals change between releases."""
+def supported_range() -> str:
     low, high = SUPPORTED_VLLM
-    if not low <= _release(version) < high:
-        span = f">={'.'.join(map(str, low))},<{'.'.join(map(str, high))}"
-        raise RuntimeError(f"divprune_ext's vLLM plugin supports vLLM {span}; installed: vLLM {version}. "
-                           "Install a supported vLLM, or turn the plugin off with VLLM_PLUGINS set to a list "
-                           "without 'divprune' (VLLM_PLUGINS=\"\" loads no plugin).")
+    return f">={'.'.join(map(str, low))},<{'.'.join(map(str, high))}"
+
+
+def is_supported(version: str) -> bool:
+    """Whether ``version`` lies in ``SUPPORTED_VLLM``: the plugin subclasses vLLM's model and
+    processor classes, whose internals change between releases."""
+    low, high = SUPPORTED_VLLM
+    return low <= _release(version) < high
 
 
 def register() -> None:
-    """The ``vllm.general_plugins`` entry point: check vLLM's version, register the pruning classes."""
+    """The ``vllm.general_plugins`` entry point: check vLLM's version, register the pruning classes
+    (or, under an unsupported vLLM, nothing, with a warning)."""
     import vllm
     from vllm import ModelRegistry
 
-    check_vllm_version(vllm.__version__)
+    if not is_supported(vllm.__version__):
+        logging.getLogger(__name__).warning(
+            "divprune_ext's vLLM plugin supports vLLM %s; installed: vLLM %s. The plugin registers nothing: "
+            "vLLM runs without DivPrune and ignores divprune_keep_ratio. Install a supported vLLM to prune.",
+            supported_range(), vllm.__version__)
+        return
     for architecture, cls in SUPPORTED_ARCHITECTURES.items():
         ModelRegistry.register_model(architecture, cls)

@@ -9,6 +9,11 @@ their results. Greedy tokens must equal, token for token:
   checkpoint (which keeps Qwen's original M-RoPE positions and the text's unpruned positions);
 - in one batch of mixed ratios: the same requests one at a time;
 - with chunked prefill (16 tokens a step; two pruned items in one chunk): the same as unchunked.
+
+The M-RoPE families run a second time as ``<kind>-replay``: their plugin and chunked engines hand
+the language model's decoder the runner's own position buffer, whatever tensor the model class
+passes it (``engine_runs.replay_positions``: what a replayed CUDA graph reads), and every test
+above must still hold. The unpatched engine's results are shared between the two variants.
 """
 import itertools
 from dataclasses import dataclass
@@ -102,6 +107,10 @@ def mixed(prompts) -> List[dict]:
             for j in range(len(ratios)) for i, p in enumerate(prompts)]
 
 
+MROPE_KINDS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+VARIANTS = checkpoints.KINDS + [f"{kind}-replay" for kind in MROPE_KINDS]
+
+
 @dataclass
 class Runs:
     kind: str
@@ -110,6 +119,7 @@ class Runs:
     plugin: Dict[str, Any]
     chunked: Dict[str, Any]
     plain: Dict[str, Any]
+    replay: bool = False
 
 
 @pytest.fixture(scope="session")
@@ -117,10 +127,17 @@ def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("vllm")
 
 
-@pytest.fixture(scope="module", params=checkpoints.KINDS)
+_BUILT: Dict[str, str] = {}
+_PLAIN: Dict[str, Any] = {}  # kind -> the unpatched engine's results (the same for both variants)
+
+
+@pytest.fixture(scope="module", params=VARIANTS)
 def runs(request, workdir) -> Runs:
-    kind = request.param
-    path = checkpoints.build(kind, str(workdir / kind))
+    kind, _, variant = request.param.partition("-")
+    replay = variant == "replay"
+    if kind not in _BUILT:
+        _BUILT[kind] = checkpoints.build(kind, str(workdir / kind))
+    path = _BUILT[kind]
     prompts = PROMPTS[family_of(kind)]
     limits = {"limit_mm_per_prompt": MEDIA.get(kind, {"image": 2, "video": 1}), "block_size": BLOCK}
     other = CACHE_OTHER_RATIO.get(kind, 0.52)
@@ -137,7 +154,8 @@ def runs(request, workdir) -> Runs:
     if has_images(kind) and kind not in NO_IMAGE_EMBEDS:
         jobs["embeds"] = {"kind": "embeds", "request": {"prompt": prompts[0], "ratio": 0.5}}
     engine = dict(limits, enable_prefix_caching=True, enable_mm_embeds=True)
-    plugin = harness.run_engine({"path": path, "engine": engine, "jobs": jobs}, str(workdir))
+    plugin = harness.run_engine({"path": path, "engine": engine, "jobs": jobs, "replay_positions": replay},
+                                str(workdir))
 
     # This engine also has a server-wide default (--hf-overrides): requests without a ratio take it,
     # the profile run does not.
@@ -150,13 +168,23 @@ def runs(request, workdir) -> Runs:
     chunked = harness.run_engine({"path": path, "engine": dict(limits, max_num_batched_tokens=16,
                                                                enable_chunked_prefill=True,
                                                                hf_overrides={"divprune_keep_ratio": SERVER_RATIO}),
-                                  "jobs": chunk_jobs}, str(workdir))
+                                  "jobs": chunk_jobs, "replay_positions": replay}, str(workdir))
     # Unpatched vLLM's OneVision returns a (1, n, H) tensor per video when a batch holds videos of
     # different frame counts, and its runner then fails (it wants (n, H)): its baseline runs one at a time.
     plain_jobs = {"r": {"requests": requests(prompts, None), "sequential": kind in UNBATCHED_BASELINE},
                   "cache": {"sequential": True, "requests": [{"prompt": cache_prompt(kind), "seed": 7}] * 2}}
-    plain = harness.run_engine({"path": path, "engine": limits, "jobs": plain_jobs}, str(workdir), plugins=False)
-    return Runs(kind, path, prompts, plugin, chunked, plain)
+    if kind not in _PLAIN:
+        _PLAIN[kind] = harness.run_engine({"path": path, "engine": limits, "jobs": plain_jobs}, str(workdir),
+                                          plugins=False)
+    plain = _PLAIN[kind]
+    return Runs(kind, path, prompts, plugin, chunked, plain, replay)
+
+
+def test_replay_mode_is_in_effect(runs):
+    """In the -replay variants every worker's decoder reads the runner's position buffer."""
+    if not runs.replay:
+        pytest.skip("eager variant")
+    assert runs.plugin["replay_positions"] and runs.chunked["replay_positions"]
 
 
 def tokens(results):

@@ -39,9 +39,28 @@ def test_vllm_plugins_empty_leaves_vllm_unpatched():
     assert done.stdout.strip().splitlines()[-1] == "vllm.model_executor.models.llava"
 
 
-def test_another_vllm_version_stops_loading_with_the_supported_range():
-    code = ("import vllm; vllm.__version__ = '0.33.1'\n"
-            "from vllm.plugins import load_general_plugins; load_general_plugins()")
-    done = run(code)
-    assert done.returncode != 0
-    assert "divprune_ext's vLLM plugin supports vLLM >=0.32.0,<0.33.0; installed: vLLM 0.33.1" in done.stderr
+def test_the_installed_vllm_is_in_the_supported_range():
+    import vllm
+    assert divprune_ext.vllm.is_supported(vllm.__version__), vllm.__version__
+
+
+def outside_the_range():
+    """Versions just below and at the first unsupported release, derived from SUPPORTED_VLLM."""
+    (low_major, low_minor, _), (high_major, high_minor, high_patch) = divprune_ext.vllm.SUPPORTED_VLLM
+    below = f"{low_major}.{low_minor - 1}.9" if low_minor else f"{low_major - 1}.99.0"
+    return [below, f"{high_major}.{high_minor}.{high_patch}"]
+
+
+def test_another_vllm_version_registers_nothing_and_says_so():
+    """Outside the range the engine is not stopped: vLLM's own classes stay, a warning names the range."""
+    for version in outside_the_range():
+        code = ("import vllm; vllm.__version__ = %r\n"
+                "from vllm.plugins import load_general_plugins; load_general_plugins()\n"
+                "from vllm import ModelRegistry\n"
+                "print(ModelRegistry._try_load_model_cls('Qwen2VLForConditionalGeneration').__module__)" % version)
+        done = run(code)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.strip().splitlines()[-1] == "vllm.model_executor.models.qwen2_vl"
+        low, high = divprune_ext.vllm.SUPPORTED_VLLM
+        span = f">={'.'.join(map(str, low))},<{'.'.join(map(str, high))}"
+        assert f"divprune_ext's vLLM plugin supports vLLM {span}; installed: vLLM {version}" in done.stderr + done.stdout

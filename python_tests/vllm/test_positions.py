@@ -6,39 +6,27 @@
   from the unpruned prompt (also when the prompt ends with an item).
 - the (t, h, w) offsets ride with their rows exactly, in bf16 above 256 too (vLLM's own video
   pruning carries them in embedding columns, which bf16 rounds there), through chunking, and
-  ``forward`` adds them without touching the runner's position buffer.
+  ``forward`` adds them in place to the runner's position buffer, the one a CUDA graph captured;
+- under CUDA-graph semantics (:class:`Graph`: the ops of ``forward`` captured once, replayed on
+  the captured tensors without the Python around them) the decoder reads the exact positions;
+- no host sync (everything runs on the ``meta`` device, which has no data to read back);
+- configurations that would lose the offsets are refused at engine start.
 """
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import divprune_ext
 from divprune_ext.vllm.core import OFFSET_INTS, _ratio_bits
-from divprune_ext.vllm.qwen_vl import DivPruneQwen2_5_VL, DivPruneQwen2VL, DivPruneQwen3VL, QwenVLPruning
+from divprune_ext.vllm.qwen_vl import DivPruneQwen2_5_VL, DivPruneQwen2VL, DivPruneQwen3VL
+from mrope_stubs import MERGE, Stub, bare, feature
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration
 from vllm.model_executor.models.qwen3_vl import Qwen3VLForConditionalGeneration
-
-MERGE = 2
-
-
-def feature(modality, offset, length, thw, seconds=None):
-    data = {f"{modality}_grid_thw": SimpleNamespace(data=torch.tensor(thw))}
-    if seconds is not None:
-        data["second_per_grid_ts"] = SimpleNamespace(data=torch.tensor(seconds))
-    return SimpleNamespace(modality=modality, data=data, mm_position=SimpleNamespace(offset=offset, length=length))
-
-
-def bare(cls, tokens_per_second=2.0):
-    """An instance of a plugin model class with just the config its position code reads."""
-    model = object.__new__(cls)
-    config = SimpleNamespace(vision_config=SimpleNamespace(spatial_merge_size=MERGE, tokens_per_second=tokens_per_second),
-                             text_config=SimpleNamespace(hidden_size=8))
-    object.__setattr__(model, "config", config)
-    return model
-
 
 # (modality, text before, (t, h, w) in patches, second_per_grid_ts)
 ITEMS = [("image", 3, (1, 8, 4), None),      # tall: 4 x 2 merged
@@ -166,42 +154,29 @@ def test_tall_image_does_not_shift_the_text_after_it():
     assert positions[:, -2].tolist() == [2 + 10, 2 + 10, 2 + 10]  # start 2, merged 10 x 2: max offset 9
 
 
-class Parent:
-    """Stands for vLLM's model class: what the plugin's overrides call with super()."""
-    features = None
-
-    def embed_multimodal(self, **kwargs):
-        return list(self.features)
-
-    def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
-        self.merged = multimodal_embeddings
-        return torch.zeros(len(input_ids), 8)
-
-    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
-        return positions
-
-
-class Stub(QwenVLPruning, Parent):
-    pass
+def pruned_rows(dtype=torch.float32, n=600, ratio=0.25):
+    """A tall image (merged 300 x 2: h offsets up to 299) pruned: its kept rows with their offsets,
+    the source rows, and the expected (3, k) offsets."""
+    model = bare(Stub)
+    thw = (1, 2 * 300, 2 * 2)
+    torch.manual_seed(0)
+    model.features = [torch.randn(n, 8).to(dtype)]
+    kept, = model.embed_multimodal(image_grid_thw=torch.tensor([thw]), divprune_image_ratio=_ratio_bits(ratio, 1))
+    picks = divprune_ext.select(model.features[0], divprune_ext.keep_count(n, ratio), sorted=True, validate=False)
+    expected = torch.from_numpy(np.indices((1, 300, 2)).reshape(3, -1))[:, picks]  # (t, row, column)
+    return kept, model.features[0][picks], expected
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_offsets_ride_exactly_with_their_rows(dtype):
-    model = bare(Stub)
-    thw = (1, 2 * 300, 2 * 2)  # merged 300 x 2: h offsets up to 299
-    n = 600
-    torch.manual_seed(0)
-    model.features = [torch.randn(n, 8).to(dtype)]
-    ratio = 0.25
-    kept, = model.embed_multimodal(image_grid_thw=torch.tensor([thw]), divprune_image_ratio=_ratio_bits(ratio, 1))
-    k = divprune_ext.keep_count(n, ratio)
+    kept, source, expected = pruned_rows(dtype)
+    k = len(source)
     assert kept.shape == (k, 8 + OFFSET_INTS * 4 // kept.element_size()) and kept.dtype == dtype
-    picks = divprune_ext.select(model.features[0], k, sorted=True, validate=False)
-    assert torch.equal(kept[:, :8], model.features[0][picks])
-    expected = torch.from_numpy(np.indices((1, 300, 2)).reshape(3, -1))[:, picks]  # (t, row, column)
+    assert torch.equal(kept[:, :8], source)
     assert expected.max() > 256 and not torch.equal(expected.to(torch.bfloat16).long(), expected)
 
     # the runner: text, then the item's placeholders in two prefill chunks (start position 5)
+    model = bare(Stub)
     for chunks in ([k], [k // 3, k - k // 3]):
         start = 0
         collected = []
@@ -209,18 +184,87 @@ def test_offsets_ride_exactly_with_their_rows(dtype):
             rows = kept[start:start + size]
             mask = torch.zeros(size + 2, dtype=torch.bool)
             mask[1:1 + size] = True
-            buffer = torch.full((3, size + 2), 5, dtype=torch.int64)
+            buffer = torch.full((3, size + 3), 5, dtype=torch.int64)  # one padding column
             model.embed_input_ids(torch.zeros(size + 2, dtype=torch.long), [rows], is_multimodal=mask)
             assert torch.equal(model.merged[0], rows[:, :8])
-            positions = model.forward(None, buffer, inputs_embeds=torch.zeros(size + 2, 8))
-            assert torch.equal(buffer, torch.full((3, size + 2), 5))  # the runner's buffer is untouched
-            assert torch.equal(positions[:, [0, -1]], buffer[:, [0, -1]])
-            collected.append(positions[:, 1:1 + size] - 5)
+            seen = model.forward(None, buffer, inputs_embeds=torch.zeros(size + 3, 8))
+            assert torch.equal(seen, buffer)  # the decoder reads the runner's buffer, corrected in place
+            assert (buffer[:, [0, -2, -1]] == 5).all()  # text and padding keep theirs
+            assert not model.position_offsets.any()  # consumed
+            collected.append(buffer[:, 1:1 + size] - 5)
             start += size
         assert torch.equal(torch.cat(collected, dim=1), expected)
     # the next step (decode) adds nothing
     assert torch.equal(model.forward(None, torch.zeros(3, 1, dtype=torch.long), inputs_embeds=torch.zeros(1, 8)),
                        torch.zeros(3, 1, dtype=torch.long))
+
+
+class Graph(TorchDispatchMode):
+    """A CUDA graph's semantics on the CPU. Capture (``with graph:``) runs and records every tensor
+    op with the tensors it read and wrote; :meth:`replay` runs the recorded ops again on the captured
+    tensors, writing each result into the memory the captured result had, and none of the Python
+    around them: what is not a tensor op at capture is gone at replay, and a tensor the code
+    makes afresh at replay time is never read."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.append((func, args, kwargs or {}, out))
+        return out
+
+    def replay(self):
+        for func, args, kwargs, captured in self.ops:
+            result = func(*args, **kwargs)
+            for old, new in zip(tree_leaves(captured), tree_leaves(result)):
+                if isinstance(old, torch.Tensor) and new is not old:
+                    old.copy_(new)
+
+
+def test_a_replayed_graph_reads_the_exact_positions():
+    """Capture forward on the runner's buffers in a dummy step (no item), then a real step: the runner
+    refills its buffers, calls embed_input_ids eagerly (vLLM does, before every replay) and replays."""
+    kept, _, expected = pruned_rows()
+    k = len(kept)
+    model = bare(Stub)
+    tokens = k + 6  # 3 text tokens, the item, 3 text tokens; capture size 64 more (padding)
+    positions_buffer = torch.zeros(3, tokens + 64, dtype=torch.int64)
+    embeds_buffer = torch.zeros(tokens + 64, 8)
+    with Graph() as graph:
+        seen = model.forward(None, positions_buffer, inputs_embeds=embeds_buffer)
+    assert not seen.any()
+    for step in range(2):  # the same graph serves two steps
+        base = torch.arange(len(positions_buffer[0])).expand(3, -1) + 100 * step
+        positions_buffer.copy_(base)  # the runner's prepare_positions
+        mask = torch.zeros(tokens, dtype=torch.bool)
+        mask[3:3 + k] = True
+        model.embed_input_ids(torch.zeros(tokens, dtype=torch.long), [kept], is_multimodal=mask)
+        graph.replay()
+        want = base.clone()
+        want[:, 3:3 + k] += expected
+        assert torch.equal(seen, want)
+
+
+def test_no_host_sync():
+    """embed_input_ids and forward on the meta device: any read of data back to the host
+    (``nonzero``, ``item``, boolean indexing, ``tolist``) raises there."""
+    kept, _, _ = pruned_rows()
+    model = bare(Stub, device="meta")
+    mask = torch.zeros(len(kept) + 2, dtype=torch.bool)
+    mask[1:-1] = True
+    model.embed_input_ids(torch.zeros(len(mask), dtype=torch.long, device="meta"), [kept.to("meta")],
+                          is_multimodal=mask.to("meta"))
+    seen = model.forward(None, torch.zeros(3, len(mask), dtype=torch.int64, device="meta"),
+                         inputs_embeds=torch.zeros(len(mask), 8, device="meta"))
+    assert seen.device.type == "meta" and seen.shape == (3, len(mask))
+
+
+def test_a_step_longer_than_the_buffer_is_an_error():
+    model = bare(Stub, max_tokens=4)
+    with pytest.raises(RuntimeError, match="max_num_batched_tokens"):
+        model.forward(None, torch.zeros(3, 5, dtype=torch.int64), inputs_embeds=torch.zeros(5, 8))
 
 
 def test_items_at_ratio_one_are_returned_untouched():
@@ -246,8 +290,16 @@ def test_video_offsets_are_vllms_own_positions(seconds):
     assert torch.equal(offsets, theirs[:, picks])
 
 
-def test_pipeline_parallelism_is_refused():
-    """Later pipeline stages never see the offsets (only the first embeds the prompt)."""
-    config = SimpleNamespace(parallel_config=SimpleNamespace(pipeline_parallel_size=2))
-    with pytest.raises(ValueError, match="pipeline parallelism"):
-        DivPruneQwen2VL(vllm_config=config)
+def engine_config(pipeline=1, dbo=False, tokens=64):
+    return SimpleNamespace(parallel_config=SimpleNamespace(pipeline_parallel_size=pipeline, use_ubatching=dbo),
+                           scheduler_config=SimpleNamespace(max_num_batched_tokens=tokens))
+
+
+@pytest.mark.parametrize("cls", [DivPruneQwen2VL, DivPruneQwen2_5_VL, DivPruneQwen3VL])
+@pytest.mark.parametrize("setting, message", [(dict(pipeline=2), "pipeline parallelism"),
+                                              (dict(dbo=True), "micro-batching")])
+def test_configurations_that_lose_the_offsets_are_refused(cls, setting, message):
+    """Later pipeline stages never see the offsets (only the first embeds the prompt); with
+    micro-batching, forward runs once per micro-batch on a slice of the positions."""
+    with pytest.raises(ValueError, match=message):
+        cls(vllm_config=engine_config(**setting))

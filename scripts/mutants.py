@@ -14,7 +14,7 @@ Prints a table (mutant, the first test that failed, seconds) and exits 1 if any
 mutant survived, 2 if a mutation no longer applies (the kernel source changed:
 update its `before` text) or a mutant breaks the build instead of a test. A full run that catches every mutant writes
 scripts/mutants.record: a hash of the kernels, the runtime and the kernel tests,
-and the table (the README shows the same table). CI checks both, so a change to
+and the table (docs/testing.md shows the same table). CI checks both, so a change to
 any of them lands only with a fresh passing run.
 """
 import argparse
@@ -208,12 +208,12 @@ def check_record() -> int:
               "kernels, the host runtime or the kernel tests changed; run `python3 scripts/mutants.py` and commit "
               "scripts/mutants.record", file=sys.stderr)
         return 1
-    with open(os.path.join(ROOT, "README.md")) as f:
+    with open(os.path.join(ROOT, "docs", "testing.md")) as f:
         if "".join(lines[1:]) not in f.read():
-            print("README.md's mutation table differs from scripts/mutants.record: copy the table over",
+            print("docs/testing.md's mutation table differs from scripts/mutants.record: copy the table over",
                   file=sys.stderr)
             return 1
-    print("scripts/mutants.record matches the kernels, the runtime, the kernel tests and the README")
+    print("scripts/mutants.record matches the kernels, the runtime, the kernel tests and docs/testing.md")
     return 0
 
 

@@ -64,7 +64,7 @@ MUTANTS = [
     Mutant("positions-added-by-python", "core.py", "if positions.dim() == 2:",
            "if positions.dim() == 2 and bool(self.position_offsets.any()):",
            "the add runs only when Python sees offsets (a graph captured without them never adds them)",
-           GRAPH, ["python_tests/vllm/test_positions.py", "-k", "not replayed_graph"]),
+           GRAPH, ["python_tests/vllm/test_positions.py", "-k", "offsets_ride"]),
     Mutant("text-positions-renumbered", "core.py",
            "full = self.full_span(feature, input_tokens[offset:offset + length])",
            "full = input_tokens[offset:offset + length]",

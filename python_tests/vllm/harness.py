@@ -18,7 +18,9 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MAX_NEW_TOKENS = 8
-ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=1024, seed=0)
+# DIVPRUNE_VLLM_CUDA_GRAPHS=1 (on a GPU): vLLM's compilation and CUDA graphs instead of eager mode
+ENGINE = dict(dtype="float32", enforce_eager=os.environ.get("DIVPRUNE_VLLM_CUDA_GRAPHS") != "1",
+              max_model_len=1024, seed=0)
 
 
 def pixels(shape: Sequence[int], seed: int) -> np.ndarray:
@@ -140,12 +142,13 @@ def hf_generate(path: str, prompt: List[Any], ratio: float = 1.0, seed: int = 0,
     return out[0].tolist()
 
 
-def run_engine(spec: dict, workdir: str, *, plugins: bool = True, timeout: int = 900) -> Any:
+def run_engine(spec: dict, workdir: str, *, plugins: bool = True, timeout: int = 900,
+               env: Optional[Dict[str, str]] = None) -> Any:
     """Run ``engine_runs.py`` on ``spec`` in a fresh interpreter (vLLM spawns processes, and the
     plugin, once loaded, stays registered in a process); return its JSON.
-    ``plugins=False``: the unpatched engine (``VLLM_PLUGINS=""``)."""
+    ``plugins=False``: the unpatched engine (``VLLM_PLUGINS=""``); ``env``: more environment variables."""
     import tempfile
-    environment = dict(os.environ)
+    environment = dict(os.environ, **(env or {}))
     if not plugins:
         environment["VLLM_PLUGINS"] = ""
     environment["PYTHONPATH"] = HERE + os.pathsep + environment.get("PYTHONPATH", "")

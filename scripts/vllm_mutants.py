@@ -71,6 +71,11 @@ MUTANTS = [
            "text after a pruned item numbered as if the item had k tokens"),
     Mutant("ratio-ignored-by-model", "core.py", "ratios = ratios_from_bits(bits)",
            "ratios = [1.0] * len(ratios_from_bits(bits))", "the model keeps every token (placeholders pruned)"),
+    Mutant("rank-dependent-picks", "core.py",
+           "local = local - start  # rows of `packed` -> the item's own token indices (ascending)",
+           "local = (local - start + (torch.distributed.get_rank() if torch.distributed.is_initialized() else 0)) "
+           "% len(items[i])", "tensor parallelism: rank 1 keeps the rows after the picks",
+           ["python_tests/vllm/test_tensor_parallel.py"], ["python_tests/vllm/test_placeholders.py"]),
     Mutant("gemma3-crops-together", "gemma3.py", "return [rows // crops] * crops", "return [rows]",
            "Gemma 3: an image's crops selected together (the prompt keeps k per crop)", GEMMA3),
     Mutant("gemma3-crops-share-k", "gemma3.py", "return [divprune_ext.keep_count(n, ratio) for n in lengths]",

@@ -6,6 +6,7 @@
     python -m bench.serving --family qwen2_vl                         # random Qwen2-VL shape, one 1260x1260
                                                                       # image a request: 2,025 visual tokens
     python -m bench.serving --family qwen2_vl --model Qwen/Qwen2-VL-7B-Instruct   # the same images, a real one
+    python -m bench.serving --sweep                                   # load sweep: ratios x concurrency 1 / 4 / 16
 
 Run it from the repository root with the Python that has vLLM and divprune_ext installed (the
 plugin loads through the installed package's entry point). The committed CPU run used
@@ -37,6 +38,11 @@ and one high-resolution image a request, 1260x1260 by default: 90 x 90 patches, 
 visual tokens, all of which the encoder computes at every ratio. The checkpoint's image processor
 takes images up to --image-size unresized (its max_pixels; vLLM's profile run encodes one such
 image), and --max-model-len defaults to the unpruned prompt rounded up to 1024 (at least 4096).
+
+--sweep: instead of the table above, the load sweep of ``bench/serving_sweep.py`` (its docstring
+says how it measures): per keep ratio and concurrency (--concurrency, 1,4,16), requests/s, time to
+first token and end-to-end latency p50 / p99, prompt tokens, KV blocks. Writes serving_sweep.json,
+serving_sweep.md and serving_sweep.png.
 """
 import argparse
 import datetime
@@ -139,6 +145,10 @@ def parse_args(argv=None):
     p.add_argument("--llm-hidden", type=int, default=None,
                    help="random model: LLM width (llava: 2048, MLP 2.6875x, heads of 128, as LLaVA-7B; "
                         "qwen2_vl: 1536, MLP 5.83x, heads of 128, 2 KV heads, as Qwen2-VL-2B)")
+    p.add_argument("--sweep", action="store_true", help="the load sweep (ratios x --concurrency) instead")
+    p.add_argument("--concurrency", default="1,4,16", help="--sweep: comma list of concurrent requests")
+    p.add_argument("--sweep-requests", type=int, default=2,
+                   help="--sweep: requests per client in a cell (at least 8 a cell)")
     p.add_argument("--out-dir", default=os.path.join("bench", "out", "serving"))
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
@@ -148,6 +158,12 @@ def parse_args(argv=None):
         p.error(f"--ratios: not a comma list of numbers: {args.ratios!r}")
     if not args.ratios or not all(0.0 < r <= 1.0 for r in args.ratios):
         p.error(f"--ratios must be numbers in (0, 1], got {args.ratios}")
+    try:
+        args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    except ValueError:
+        p.error(f"--concurrency: not a comma list of integers: {args.concurrency!r}")
+    if not args.concurrency or min(args.concurrency) < 1 or args.sweep_requests < 1:
+        p.error("--concurrency must be integers >= 1 and --sweep-requests >= 1")
     if args.image_size is None:
         side = IMAGE_SIDE if args.family == "llava" else QWEN_QUICK_SIDE if args.quick else QWEN_SIDE
         args.image_size = f"{side}x{side}"
@@ -632,6 +648,8 @@ def main(argv=None):
         else:
             say(f"building the random {args.family} checkpoint ({model_shape(args)})")
             path = build(args, tmp)
+        if args.sweep:
+            return run_sweep(args, path, started)
         result = measure(args, path)
     result["run_s"] = round(time.perf_counter() - started, 1)
     with open(os.path.join(args.out_dir, "serving_results.json"), "w") as f:
@@ -645,6 +663,33 @@ def main(argv=None):
         written.append("serving.png")
     print(f"wrote {', '.join(written)} to {args.out_dir} ({result['run_s']:.0f} s in all)")
     check_pruned(result)
+
+
+def run_sweep(args, path: str, started: float):
+    from bench import serving_sweep
+
+    kwargs = engine_kwargs(args)
+    say(f"load sweep on {args.model or 'the random checkpoint'} ({kwargs}), concurrency {args.concurrency}")
+    make = Requests(prompt_text(path), args.image_size)
+    rows, engine = serving_sweep.sweep(args, path, kwargs, make, say)
+    result = {"environment": environment(args),
+              "model": {"path": args.model or f"random {args.family} shape (built locally)", "family": args.family,
+                        "shape": None if args.model else model_shape(args)},
+              "engine": {**kwargs, **engine},
+              "settings": {"ratios": args.ratios, "concurrency": args.concurrency, "output_tokens": args.output_tokens,
+                           "requests_per_client": args.sweep_requests, "image_size": list(args.image_size)},
+              "sweep": rows, "run_s": round(time.perf_counter() - started, 1)}
+    with open(os.path.join(args.out_dir, "serving_sweep.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    table = serving_sweep.markdown(result)
+    with open(os.path.join(args.out_dir, "serving_sweep.md"), "w") as f:
+        f.write(table)
+    print(table)
+    written = ["serving_sweep.json", "serving_sweep.md"]
+    if not args.no_plot and serving_sweep.plot(result, os.path.join(args.out_dir, "serving_sweep.png")):
+        written.append("serving_sweep.png")
+    print(f"wrote {', '.join(written)} to {args.out_dir} ({result['run_s']:.0f} s in all)")
+    return result
 
 
 if __name__ == "__main__":

@@ -155,3 +155,25 @@ def test_serving_builds_its_random_checkpoint_without_vllm(tmp_path):
                        return_tensors="pt")
     image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
     assert (inputs["input_ids"] == image_token).sum().item() == 576
+
+
+def test_sweep_percentiles_and_cells():
+    """The sweep's p50 / p99 are nearest-rank (p99 of a small cell is its slowest request) and every
+    cell has at least 8 requests."""
+    from bench.serving_sweep import cell_requests, percentile
+    values = [5.0, 1.0, 3.0, 2.0, 4.0]
+    assert percentile(values, 50) == 3.0 and percentile(values, 99) == 5.0 and percentile(values, 1) == 1.0
+    assert percentile(list(range(1, 201)), 99) == 198
+    assert [cell_requests(c, 2) for c in (1, 4, 16)] == [8, 8, 32]
+
+
+def test_sweep_arguments():
+    code = ("from bench import serving\n"
+            "args = serving.parse_args(['--sweep', '--concurrency', '2,8'])\n"
+            "print(args.sweep, args.concurrency, args.sweep_requests)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["True", "[2,", "8]", "2"]
+    bad = subprocess.run([sys.executable, "-m", "bench.serving", "--sweep", "--concurrency", "0"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--concurrency" in bad.stderr

@@ -110,8 +110,8 @@ for version in ${DIVPRUNE_VLLM_VERSIONS-0.33.0 0.34.0}; do
     rm -rf "$overlay"
     "$VPY" -m pip install --quiet --no-deps --target "$overlay" "vllm==$version"
   fi
-  say "pytest (vLLM $version): loading, processor, positions, Model Runner V2"
+  say "pytest (vLLM $version): loading, processor, placeholders, positions, Model Runner V2"
   PYTHONPATH="$overlay" VLLM_TARGET_DEVICE=cpu "$VPY" -P -m pytest -p no:cacheprovider -q \
-    python_tests/vllm/test_loading.py python_tests/vllm/test_placeholders.py \
+    python_tests/vllm/test_loading.py python_tests/vllm/test_processor.py python_tests/vllm/test_placeholders.py \
     python_tests/vllm/test_positions.py python_tests/vllm/test_runner_v2.py
 done

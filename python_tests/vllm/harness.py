@@ -11,25 +11,18 @@ import json
 import os
 import subprocess
 import sys
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
+
+from divprune_ext.testing import pixels  # noqa: F401  (the tests' images; harness.pixels for them)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MAX_NEW_TOKENS = 8
 # DIVPRUNE_VLLM_CUDA_GRAPHS=1 (on a GPU): vLLM's compilation and CUDA graphs instead of eager mode
 ENGINE = dict(dtype="float32", enforce_eager=os.environ.get("DIVPRUNE_VLLM_CUDA_GRAPHS") != "1",
               max_model_len=1024, seed=0)
-
-
-def pixels(shape: Sequence[int], seed: int) -> np.ndarray:
-    """uint8 (..., H, W, 3): noise over a gradient that depends on the seed."""
-    rng = np.random.default_rng(seed)
-    *lead, h, w = shape
-    ramp = np.linspace(0, 1, h)[:, None, None] * rng.uniform(0, 255, 3) + np.linspace(0, 1, w)[None, :, None] * 60
-    noise = rng.integers(0, 120, size=(*lead, h, w, 3))
-    return np.clip(ramp + noise, 0, 255).astype(np.uint8)
 
 
 def media(prompt: List[Any], seed: int = 0) -> Dict[str, list]:

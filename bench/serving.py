@@ -596,13 +596,21 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(result: dict, path: str):
+def pyplot():
+    """matplotlib.pyplot drawing to files, or None (saying so) where matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("(no plot: pip install matplotlib)")
+        return None
+    return plt
+
+
+def plot(result: dict, path: str):
+    plt = pyplot()
+    if plt is None:
         return None
     rows, s, e = result["results"], result["settings"], result["engine"]
     labels = [f"{r['keep_ratio']:g}" for r in rows]

@@ -107,13 +107,13 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: str):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(no plot: pip install matplotlib)")
+    from bench.serving import pyplot
+
+    plt = pyplot()
+    if plt is None:
         return None
+    from matplotlib.ticker import ScalarFormatter
+
     rows = result["sweep"]
     ratios = sorted({r["keep_ratio"] for r in rows}, reverse=True)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -127,7 +127,7 @@ def plot(result: dict, path: str):
     for ax, title in zip(axes, ("time to first token (ms)", "requests/s")):
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted({r["concurrency"] for r in rows}))
-        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.get_xaxis().set_major_formatter(ScalarFormatter())
         ax.set_xlabel("concurrent requests")
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8)

@@ -117,10 +117,21 @@ def hf_inputs(path: str, prompt: List[Any], seed: int = 0) -> dict:
     return inputs
 
 
-@torch.no_grad()
+_GENERATED: Dict[str, List[int]] = {}
+
+
 def hf_generate(path: str, prompt: List[Any], ratio: float = 1.0, seed: int = 0,
                 max_new_tokens: int = MAX_NEW_TOKENS) -> List[int]:
-    """Greedy new tokens of transformers on ``prompt``, pruned with divprune_ext.hf below 1.0."""
+    """Greedy new tokens of transformers on ``prompt``, pruned with divprune_ext.hf below 1.0
+    (computed once per checkpoint, prompt, ratio and seed: several engine variants compare with them)."""
+    key = json.dumps([path, prompt, ratio, seed, max_new_tokens])
+    if key not in _GENERATED:
+        _GENERATED[key] = _hf_generate(path, prompt, ratio, seed, max_new_tokens)
+    return list(_GENERATED[key])
+
+
+@torch.no_grad()
+def _hf_generate(path, prompt, ratio, seed, max_new_tokens) -> List[int]:
     import divprune_ext.hf
     model, _ = hf_model(path)
     inputs = dict(hf_inputs(path, prompt, seed))

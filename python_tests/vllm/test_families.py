@@ -10,10 +10,12 @@ their results. Greedy tokens must equal, token for token:
 - in one batch of mixed ratios: the same requests one at a time;
 - with chunked prefill (16 tokens a step; two pruned items in one chunk): the same as unchunked.
 
-The M-RoPE families run a second time as ``<kind>-replay``: their plugin and chunked engines hand
-the language model's decoder the runner's own position buffer, whatever tensor the model class
-passes it (``engine_runs.replay_positions``: what a replayed CUDA graph reads), and every test
-above must still hold. The unpatched engine's results are shared between the two variants.
+The M-RoPE families run a second time as ``<kind>-replay``: one engine with the 16-token prefill
+budget (every prompt chunked) whose decoder gets the runner's own position buffer, whatever tensor
+the model class passes it (``engine_runs.replay_positions``: what a replayed CUDA graph reads). The
+tests of positions hold there too: pruned = transformers at every ratio, images, videos, image +
+video, two items in one chunk, mixed ratios in one batch; the rest (caches, errors, embeddings,
+defaults) is the eager variant's. The unpatched engine's results are shared between the variants.
 """
 import itertools
 from dataclasses import dataclass
@@ -140,6 +142,17 @@ def runs(request, workdir) -> Runs:
     path = _BUILT[kind]
     prompts = PROMPTS[family_of(kind)]
     limits = {"limit_mm_per_prompt": MEDIA.get(kind, {"image": 2, "video": 1}), "block_size": BLOCK}
+    chunking = dict(max_num_batched_tokens=16, enable_chunked_prefill=True)
+    plain = _plain(kind, path, prompts, limits, workdir)
+    if replay:
+        jobs = {f"r{r}": {"requests": requests(prompts, r)} for r in [None, 1.0] + RATIOS}
+        jobs["mixed"] = {"requests": mixed(prompts)}
+        if family_of(kind) in TWO_IN_ONE_CHUNK:
+            jobs["two_in_one_chunk"] = {"requests": requests([TWO_IN_ONE_CHUNK[family_of(kind)]],
+                                                             TWO_IN_ONE_CHUNK_RATIO.get(kind, 0.25))}
+        both = harness.run_engine({"path": path, "engine": dict(limits, **chunking), "jobs": jobs,
+                                   "replay_positions": True}, str(workdir))
+        return Runs(kind, path, prompts, both, both, plain, replay=True)
     other = CACHE_OTHER_RATIO.get(kind, 0.52)
     jobs: Dict[str, Any] = {f"r{r}": {"requests": requests(prompts, r)} for r in [None, 1.0] + RATIOS}
     jobs["mixed"] = {"requests": mixed(prompts)}
@@ -154,8 +167,7 @@ def runs(request, workdir) -> Runs:
     if has_images(kind) and kind not in NO_IMAGE_EMBEDS:
         jobs["embeds"] = {"kind": "embeds", "request": {"prompt": prompts[0], "ratio": 0.5}}
     engine = dict(limits, enable_prefix_caching=True, enable_mm_embeds=True)
-    plugin = harness.run_engine({"path": path, "engine": engine, "jobs": jobs, "replay_positions": replay},
-                                str(workdir))
+    plugin = harness.run_engine({"path": path, "engine": engine, "jobs": jobs}, str(workdir))
 
     # This engine also has a server-wide default (--hf-overrides): requests without a ratio take it,
     # the profile run does not.
@@ -165,10 +177,14 @@ def runs(request, workdir) -> Runs:
                                                                TWO_IN_ONE_CHUNK_RATIO.get(kind, 0.25))}
     chunk_jobs["server_default"] = {"requests": requests(prompts, None)}
     chunk_jobs["dummy"] = {"kind": "dummy", "modality": "image" if has_images(kind) else "video"}
-    chunked = harness.run_engine({"path": path, "engine": dict(limits, max_num_batched_tokens=16,
-                                                               enable_chunked_prefill=True,
+    chunked = harness.run_engine({"path": path, "engine": dict(limits, **chunking,
                                                                hf_overrides={"divprune_keep_ratio": SERVER_RATIO}),
-                                  "jobs": chunk_jobs, "replay_positions": replay}, str(workdir))
+                                  "jobs": chunk_jobs}, str(workdir))
+    return Runs(kind, path, prompts, plugin, chunked, plain)
+
+
+def _plain(kind, path, prompts, limits, workdir):
+    """The unpatched engine's results (once per kind)."""
     # Unpatched vLLM's OneVision returns a (1, n, H) tensor per video when a batch holds videos of
     # different frame counts, and its runner then fails (it wants (n, H)): its baseline runs one at a time.
     plain_jobs = {"r": {"requests": requests(prompts, None), "sequential": kind in UNBATCHED_BASELINE},
@@ -176,15 +192,19 @@ def runs(request, workdir) -> Runs:
     if kind not in _PLAIN:
         _PLAIN[kind] = harness.run_engine({"path": path, "engine": limits, "jobs": plain_jobs}, str(workdir),
                                           plugins=False)
-    plain = _PLAIN[kind]
-    return Runs(kind, path, prompts, plugin, chunked, plain, replay)
+    return _PLAIN[kind]
+
+
+def eager_only(runs):
+    if runs.replay:
+        pytest.skip("the eager variant tests this (the replay variant tests positions)")
 
 
 def test_replay_mode_is_in_effect(runs):
     """In the -replay variants every worker's decoder reads the runner's position buffer."""
     if not runs.replay:
         pytest.skip("eager variant")
-    assert runs.plugin["replay_positions"] and runs.chunked["replay_positions"]
+    assert runs.plugin["replay_positions"]
 
 
 def tokens(results):
@@ -251,7 +271,8 @@ def placeholder_runs(ids, placeholder):
 
 
 def test_mixed_ratio_batch_equals_one_at_a_time(runs):
-    assert tokens(runs.plugin["mixed"]) == tokens(runs.plugin["mixed_one_at_a_time"])
+    if not runs.replay:  # (the replay variant: each request equals its ratio's own batch)
+        assert tokens(runs.plugin["mixed"]) == tokens(runs.plugin["mixed_one_at_a_time"])
     by_ratio = {r: tokens(runs.plugin[f"r{r}"]) for r in [None, 1.0] + RATIOS}
     for n, request in enumerate(mixed(runs.prompts)):
         assert runs.plugin["mixed"][n]["tokens"] == by_ratio[request["ratio"]][runs.prompts.index(request["prompt"])]
@@ -259,6 +280,7 @@ def test_mixed_ratio_batch_equals_one_at_a_time(runs):
 
 @pytest.mark.parametrize("ratio", [1.0, 0.25])
 def test_chunked_prefill(runs, ratio):
+    eager_only(runs)
     assert tokens(runs.chunked[f"r{ratio}"]) == tokens(runs.plugin[f"r{ratio}"])
 
 
@@ -278,6 +300,7 @@ def test_two_items_in_one_chunk(runs):
 def test_cache_entries_are_per_ratio(runs):
     """Prefix cache: the same image and ratio twice hits; another ratio (even one giving the same
     k and so the same token ids) never does; the processor hashes say the same for the encoder cache."""
+    eager_only(runs)
     first, again, other, other_again, plain, plain_again = runs.plugin["cache"]
     assert first["cached"] == 0 and again["cached"] >= BLOCK
     assert other["prompt"] == first["prompt"]  # 0.52 (0.51) keeps as many tokens as 0.5 here
@@ -291,6 +314,7 @@ def test_cache_entries_are_per_ratio(runs):
 
 @pytest.mark.parametrize("n", range(len(BAD_RATIOS)))
 def test_bad_ratio_is_a_request_error(runs, n):
+    eager_only(runs)
     message = runs.plugin[f"bad{n}"]
     assert message is not None and message.startswith("ValueError") and "divprune_keep_ratio" in message
     assert repr(BAD_RATIOS[n]) in message or str(BAD_RATIOS[n]) in message
@@ -299,6 +323,7 @@ def test_bad_ratio_is_a_request_error(runs, n):
 
 
 def test_image_embeds_are_pruned_like_pixels(runs):
+    eager_only(runs)
     if not has_images(runs.kind) or runs.kind in NO_IMAGE_EMBEDS:
         pytest.skip(NO_IMAGE_EMBEDS.get(runs.kind, f"{runs.kind}: vLLM serves no images for it"))
     assert tokens(runs.plugin["embeds"]) == tokens(runs.plugin["r0.5"])[:1]
@@ -307,12 +332,14 @@ def test_image_embeds_are_pruned_like_pixels(runs):
 
 def test_server_wide_default(runs):
     """Requests without a ratio take the engine's --hf-overrides default; explicit ratios override it."""
+    eager_only(runs)
     assert tokens(runs.chunked["server_default"]) == tokens(runs.plugin[f"r{SERVER_RATIO}"])
     assert tokens(runs.chunked["r1.0"]) == tokens(runs.plain["r"])
 
 
 def test_profile_run_is_unpruned(runs):
     """The memory profile measures the encoder output of an unpruned item, default ratio or not."""
+    eager_only(runs)
     dummy = runs.chunked["dummy"]
     assert dummy["lengths"] == [dummy["max"]]
 

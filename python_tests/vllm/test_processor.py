@@ -9,6 +9,7 @@ processor-, encoder- and prefix-cache identity) are equal for equal ratios and d
 ratios, with no ratio hashing as 1.0; bad ratios are a ``ValueError`` naming the key.
 """
 import itertools
+import os
 
 import pytest
 import torch
@@ -21,6 +22,19 @@ from divprune_ext.vllm.core import ratios_from_bits
 from test_families import BAD_RATIOS, PROMPTS, family_of
 
 KINDS = ["llava", "qwen2_vl", "gemma3", "qwen3_vl"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def safe_path():
+    """vLLM inspects a model class it has not cached in ``python -m`` from the working directory (the
+    repository root, whose divprune_ext/ is the source tree): keep that directory off its sys.path."""
+    before = os.environ.get("PYTHONSAFEPATH")
+    os.environ["PYTHONSAFEPATH"] = "1"
+    yield
+    if before is None:
+        del os.environ["PYTHONSAFEPATH"]
+    else:
+        os.environ["PYTHONSAFEPATH"] = before
 
 
 @pytest.fixture(scope="module", params=KINDS)

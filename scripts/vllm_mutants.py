@@ -47,6 +47,8 @@ GRAPH = ["python_tests/vllm/test_positions.py", "-k", "replayed_graph"]
 QWEN3 = ["python_tests/vllm/test_families.py", "python_tests/vllm/test_placeholders.py",
          "python_tests/vllm/test_positions.py", "-k", "qwen3 and (pruned or placeholder or positions)"]
 
+MEMORY = ["python_tests/vllm/test_memory.py"]
+
 MUTANTS = [
     Mutant("wrong-k-placeholders", "core.py", "out += ids[cursor:start] + [token] * k",
            "out += ids[cursor:start] + [token] * (k + 1)", "one placeholder too many per item"),
@@ -92,6 +94,20 @@ MUTANTS = [
            "rows[(~is_token).to(item.device), :self.visual_dim] = self.get_language_model()",
            "rows[(~is_token).to(item.device), :0] = self.get_language_model()",
            "Qwen3-VL video: its timestamps and markers left as zero rows", QWEN3),
+    Mutant("encoder-work-unbounded", "core.py",
+           "groups = encoder_groups(ints_of(tokens[modality]), self.profiled_tokens(modality))",
+           "groups = encoder_groups(ints_of(tokens[modality]), 0)",
+           "a call's pruned items encoded all at once, beyond the profiled work", MEMORY),
+    Mutant("profile-without-selection", "core.py",
+           "self._prune(list(items), [SMALLEST_RATIO] * len(ratios), modality, kwargs)", "pass",
+           "the profile run does not measure the selection's workspace", MEMORY),
+    Mutant("groups-read-the-whole-batch", "core.py",
+           "out += self._prune(items, ratios[start:end], modality, batch)",
+           "out += self._prune(items, ratios[start:end], modality, kwargs)",
+           "a group's items read their grids from the whole call's kwargs (wrong items)", MEMORY),
+    Mutant("groups-get-the-first-items", "core.py",
+           "for item in items[start:end]])", "for item in items[:end - start]])",
+           "every group encodes the call's first items", MEMORY),
 ]
 
 

@@ -31,15 +31,32 @@ at 1.0 too so that items of requests with and without a ratio batch together.
 Selection
 =========
 :meth:`PruningModel.embed_multimodal` runs the family's own ``embed_multimodal`` (the encoder and
-projector / merger on all ``n`` tokens: what the encoder cache budget and the profile run, made
-at ratio 1.0 by :meth:`PruningProcessor.get_dummy_inputs`, account for) and then one
-``select_varlen`` call over the items with ``k < n`` (over their parts, :meth:`PruningModel.segments`,
-where runs are selected apart), picks in ascending order. vLLM checks
-nothing more: the rows it receives fill the item's ``k`` placeholders in order.
+projector / merger on all ``n`` tokens) and then one ``select_varlen`` call over the items with
+``k < n`` (over their parts, :meth:`PruningModel.segments`, where runs are selected apart), picks
+in ascending order. vLLM checks nothing more: the rows it receives fill the item's ``k``
+placeholders in order.
 
-Encoder budget: vLLM's scheduler charges an item's placeholder count (``k``) against the encoder
-compute budget (``max_num_batched_tokens`` by default), so at ratio ``r`` one step may encode up
-to ``budget / r`` tokens. The README says how to bound it.
+Memory: what vLLM's profile run measures
+========================================
+vLLM sizes the KV cache from a profile run that encodes ``mm_max_items_per_batch`` items of the
+largest size in one ``embed_multimodal`` call (``MultiModalBudget``). Two things would lie outside it:
+
+- The selection's workspace (``select_varlen``: Σ n_i² float32 distances). The profile's dummy
+  items come marked (:meth:`PruningProcessor.get_dummy_inputs`: ratio field ``PROFILE_RATIO``):
+  their placeholders stay unpruned, and ``embed_multimodal`` runs the whole selection on them at
+  the smallest ratio (the workspace depends on ``n`` only; ``k = 1`` is the quickest) and returns
+  the unpruned rows, so the peak vLLM measures includes it.
+- The encoder's work. The scheduler charges an item's ``k`` placeholders against the encoder budget,
+  so at ratio ``r`` one step may hand ``embed_multimodal`` items of up to budget / ``r`` tokens.
+  Each item's ``n`` travels with it (field ``divprune_<modality>_tokens``); a call holding pruned
+  items encodes them in consecutive groups of at most the profiled tokens
+  (``mm_max_items_per_batch * mm_max_toks_per_item``; an item larger than that alone), each group
+  selected before the next is encoded: the encoder's and the selection's peaks stay those of the
+  profile. Batches split with vLLM's own field definitions (the processor's
+  ``_get_mm_fields_config``, ``MultiModalKwargsItems`` and ``group_and_batch_mm_kwargs``, as the
+  runner batches them). Calls of unpruned items only are vLLM's own, untouched. Not bounded: the
+  inputs (pixels) the runner copies to the device for all items of a step before the call
+  (``docs/vllm.md``, "Memory").
 """
 import dataclasses
 import numbers
@@ -59,6 +76,26 @@ def ratio_field(modality: str) -> str:
     return f"divprune_{modality}_ratio"
 
 
+def tokens_field(modality: str) -> str:
+    """The field carrying each item's unpruned placeholder count ``n`` (the rows the encoder computes)."""
+    return f"divprune_{modality}_tokens"
+
+
+PROFILE = "divprune_profile"  # the processor kwarg marking the profile run's dummy items (set by the plugin only)
+PROFILE_RATIO = -1.0  # their ratio field: unpruned placeholders, the selection run for its workspace only
+SMALLEST_RATIO = 1e-9  # keep_count(n, SMALLEST_RATIO) == 1: the profile's selection
+
+
+class _ProfileMark:
+    """The value of ``PROFILE`` in the dummy inputs: an object no request can send."""
+
+    def __repr__(self):
+        return "<divprune profile>"
+
+
+_PROFILE_MARK = _ProfileMark()
+
+
 def check_ratio(value: Any, where: str = KEY) -> float:
     """The keep ratio as a float in (0, 1]; else ValueError naming ``where`` and the value."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < float(value) <= 1.0:
@@ -73,11 +110,18 @@ def default_ratio(hf_config) -> float:
 
 
 def _without_key(kwargs: Mapping[str, object]) -> Dict[str, object]:
-    return {k: v for k, v in kwargs.items() if k != KEY}
+    return {k: v for k, v in kwargs.items() if k not in (KEY, PROFILE)}
 
 
 def _ratio_bits(ratio: float, count: int) -> torch.Tensor:
     return torch.full((count,), ratio, dtype=torch.float64).view(torch.int64)
+
+
+def ints_of(field) -> List[int]:
+    """The per-item values of a batched integer field (a tensor, or a list of them)."""
+    if isinstance(field, (list, tuple)):
+        return [int(v) for v in field]
+    return field.reshape(-1).tolist()
 
 
 def ratios_from_bits(bits) -> List[float]:
@@ -92,6 +136,9 @@ class PruningProcessor:
 
     def apply(self, inputs, timing_ctx):
         kwargs = dict(inputs.hf_processor_mm_kwargs)
+        profile = kwargs.pop(PROFILE, None)
+        if profile is not None and profile is not _PROFILE_MARK:
+            raise ValueError(f"{PROFILE} is set by divprune_ext for vLLM's memory profile; a request cannot set it")
         given = kwargs.get(KEY)
         ratio = default_ratio(self.info.get_hf_config()) if given is None else check_ratio(given)
         if ratio < 1.0:
@@ -102,28 +149,50 @@ class PruningProcessor:
             kwargs[KEY] = ratio
         else:
             kwargs.pop(KEY, None)
+        if profile is not None:
+            kwargs = {**_without_key(kwargs), PROFILE: True}  # unpruned placeholders; hashable
         return super().apply(dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx)
 
     def get_dummy_inputs(self, seq_len, mm_counts, mm_options):
-        # The profile run must measure the unpruned encoder output.
+        # The profile run: unpruned items (the encoder output vLLM must measure), marked so that the
+        # model also runs the selection on them (its workspace; module docstring, "Memory").
         inputs = super().get_dummy_inputs(seq_len, mm_counts, mm_options)
-        return dataclasses.replace(inputs, hf_processor_mm_kwargs={**inputs.hf_processor_mm_kwargs, KEY: 1.0})
+        return dataclasses.replace(inputs, hf_processor_mm_kwargs={**inputs.hf_processor_mm_kwargs,
+                                                                   PROFILE: _PROFILE_MARK})
 
     def _apply_hf_processor_main(self, mm_items, hf_kwargs):
         processed = super()._apply_hf_processor_main(mm_items, _without_key(hf_kwargs))
-        ratio = float(hf_kwargs.get(KEY, 1.0))
+        ratio = PROFILE_RATIO if hf_kwargs.get(PROFILE) else float(hf_kwargs.get(KEY, 1.0))
+        tokens = self._tokens_per_item(mm_items, processed, _without_key(hf_kwargs))
         for modality, count in mm_items.get_all_counts().items():
             if modality in MODALITIES and count:
                 processed[ratio_field(modality)] = _ratio_bits(ratio, count)
+                if len(tokens.get(modality, ())) == count:
+                    processed[tokens_field(modality)] = torch.tensor(tokens[modality], dtype=torch.int64)
         return processed
+
+    def _tokens_per_item(self, mm_items, processed, hf_kwargs) -> Dict[str, List[int]]:
+        """Each item's unpruned placeholder (embedding) count ``n``, from the family's own prompt updates."""
+        from vllm.multimodal.inputs import MultiModalKwargsItems
+        from vllm.multimodal.processing import PromptReplacement
+
+        items = MultiModalKwargsItems.from_hf_inputs(processed, super()._get_mm_fields_config(processed, hf_kwargs))
+        counts = mm_items.get_all_counts()
+        tokens = {}
+        for update in super()._get_prompt_updates(mm_items, hf_kwargs, items):
+            if isinstance(update, PromptReplacement) and update.modality in MODALITIES:
+                tokens[update.modality] = [sum(_replacement(update.replacement, i)[2])
+                                           for i in range(counts.get(update.modality, 0))]
+        return tokens
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
         from vllm.multimodal.inputs import MultiModalFieldConfig
 
         config = dict(super()._get_mm_fields_config(hf_inputs, _without_key(hf_processor_mm_kwargs)))
         for modality in MODALITIES:
-            if ratio_field(modality) in hf_inputs:
-                config[ratio_field(modality)] = MultiModalFieldConfig.batched(modality, keep_on_cpu=True)
+            for field in (ratio_field(modality), tokens_field(modality)):
+                if field in hf_inputs:
+                    config[field] = MultiModalFieldConfig.batched(modality, keep_on_cpu=True)
         return config
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
@@ -143,10 +212,8 @@ class PruningProcessor:
         content, modality = update.replacement, update.modality
 
         def pruned(item_idx: int):
-            full = content(item_idx) if callable(content) else content
+            full, ids, embed = _replacement(content, item_idx)
             details = isinstance(full, PromptUpdateDetails)
-            ids = list(full.full) if details else list(full)
-            embed = (full.is_embed(ids).tolist() if details and full.is_embed is not None else [True] * len(ids))
             placeholder = {t for t, e in zip(ids, embed) if e}
             if len(placeholder) != 1:
                 raise NotImplementedError(f"divprune_ext: {family} {modality} placeholders are not one repeated "
@@ -171,6 +238,18 @@ class PruningProcessor:
 
     def kept_per_run(self, modality: str, lengths: List[int], ratio: float) -> List[int]:
         return self._divprune_model.kept_per_run(modality, lengths, ratio, self._family_name())
+
+
+def _replacement(content, item_idx: int):
+    """A family's replacement for item ``item_idx``: (as the family gives it, its token ids, which of
+    them take embeddings)."""
+    from vllm.multimodal.processing import PromptUpdateDetails
+
+    full = content(item_idx) if callable(content) else content
+    details = isinstance(full, PromptUpdateDetails)
+    ids = list(full.full) if details else list(full)
+    embed = full.is_embed(ids).tolist() if details and full.is_embed is not None else [True] * len(ids)
+    return full, ids, embed
 
 
 def embed_runs(embed: Sequence[bool]) -> List[tuple]:
@@ -212,13 +291,17 @@ def with_pruning_processor(model_cls):
 
 
 def check_model_config(vllm_config) -> None:
-    """At engine start: a valid server-wide ratio, and no encoder CUDA graph (it bypasses
-    ``embed_multimodal``, where the selection runs)."""
+    """At engine start: a valid server-wide ratio, no encoder CUDA graph (it bypasses
+    ``embed_multimodal``, where DivPrune selects), no LoRA on the vision tower (vLLM would map its
+    adapters' tokens from the ``k`` placeholders while the tower runs on all ``n``)."""
     default_ratio(vllm_config.model_config.hf_config)
     compilation = getattr(vllm_config, "compilation_config", None)
     if getattr(compilation, "cudagraph_mm_encoder", False):
         raise ValueError("divprune_ext: the encoder CUDA graph (compilation_config.cudagraph_mm_encoder) runs the "
                          "vision encoder without embed_multimodal, where DivPrune selects; turn it off")
+    if getattr(getattr(vllm_config, "lora_config", None), "enable_tower_connector_lora", False):
+        raise ValueError("divprune_ext: LoRA on the vision tower and connector (enable_tower_connector_lora) is not "
+                         "supported: vLLM counts its tokens from the pruned placeholders; turn it off")
 
 
 class PruningModel:
@@ -227,21 +310,74 @@ class PruningModel:
     def __init__(self, *, vllm_config, prefix: str = ""):
         check_model_config(vllm_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._divprune_config = vllm_config
+        self._divprune_budget = None  # vLLM's MultiModalBudget, made when first needed (it builds a processor)
 
     def embed_multimodal(self, **kwargs: object):
-        fields = {m: kwargs.pop(ratio_field(m)) for m in MODALITIES if ratio_field(m) in kwargs}
-        outputs = super().embed_multimodal(**kwargs)
-        if not fields:
-            return outputs
-        if len(fields) > 1:
+        ratio_bits = {m: kwargs.pop(ratio_field(m)) for m in MODALITIES if ratio_field(m) in kwargs}
+        tokens = {m: kwargs.pop(tokens_field(m)) for m in MODALITIES if tokens_field(m) in kwargs}
+        if not ratio_bits:
+            return super().embed_multimodal(**kwargs)
+        if len(ratio_bits) > 1:
             raise NotImplementedError("divprune_ext: one embed_multimodal call with images and videos together; "
                                       "vLLM's runner groups items by modality")
-        (modality, bits), = fields.items()
+        (modality, bits), = ratio_bits.items()
         ratios = ratios_from_bits(bits)
-        items = list(outputs)
-        if len(items) != len(ratios):
-            raise RuntimeError(f"divprune_ext: {len(items)} {modality} outputs for {len(ratios)} ratios")
-        return tuple(self._prune(items, ratios, modality, kwargs))
+        if PROFILE_RATIO in ratios:  # the profile run: unpruned rows, the selection's workspace measured
+            items = self._encode(modality, ratios, kwargs)
+            self._prune(list(items), [SMALLEST_RATIO] * len(ratios), modality, kwargs)
+            return items
+        groups = [(0, len(ratios))]
+        if min(ratios) < 1.0 and modality in tokens:  # calls of unpruned items only are vLLM's own
+            groups = encoder_groups(ints_of(tokens[modality]), self.profiled_tokens(modality))
+        if len(groups) == 1:
+            return tuple(self._prune(list(self._encode(modality, ratios, kwargs)), ratios, modality, kwargs))
+        # More than the profile encoded in one call (the scheduler charged k, not n): consecutive groups,
+        # each encoded and selected before the next, so that no more than the profiled work is alive at once.
+        out = []
+        for (start, end), batch in zip(groups, self._sub_batches(modality, kwargs, groups)):
+            items = list(self._encode(modality, ratios[start:end], batch))
+            out += self._prune(items, ratios[start:end], modality, batch)
+        return tuple(out)
+
+    def _encode(self, modality: str, ratios: List[float], kwargs):
+        """The family's ``embed_multimodal`` on ``kwargs`` (its items' ratios: ``ratios``): per item, its rows."""
+        outputs = super().embed_multimodal(**kwargs)
+        if len(outputs) != len(ratios):
+            raise RuntimeError(f"divprune_ext: {len(outputs)} {modality} outputs for {len(ratios)} ratios")
+        return outputs
+
+    def mm_budget(self):
+        """vLLM's own ``MultiModalBudget`` of this engine: what the profile run encodes, and the processor."""
+        if self._divprune_budget is None:
+            from vllm.multimodal import MULTIMODAL_REGISTRY
+            from vllm.multimodal.encoder_budget import MultiModalBudget
+            self._divprune_budget = MultiModalBudget(self._divprune_config, MULTIMODAL_REGISTRY, enable_cache=False)
+        return self._divprune_budget
+
+    def profiled_tokens(self, modality: str) -> int:
+        """The tokens of ``modality`` the profile run encodes in one call (``mm_max_items_per_batch``
+        items of ``mm_max_toks_per_item``); 0 if it encodes none (no limit then)."""
+        budget = self.mm_budget()
+        return budget.mm_max_items_per_batch.get(modality, 0) * budget.mm_max_toks_per_item.get(modality, 0)
+
+    def _sub_batches(self, modality: str, kwargs, groups):
+        """``kwargs`` (one batch of ``modality`` items) as one batch per group of items, split and
+        re-batched by vLLM's own field definitions, as its runner batches them."""
+        from vllm.multimodal.inputs import MultiModalKwargsItems
+        from vllm.multimodal.utils import group_and_batch_mm_kwargs
+
+        config = self.mm_budget().processor._get_mm_fields_config(kwargs, {})
+        unknown = sorted(set(kwargs) - set(config))
+        if unknown:  # they would be lost (or wrong) in the groups
+            raise RuntimeError(f"divprune_ext: cannot split a {modality} batch with arguments {unknown}, which are "
+                               "no multimodal fields of the processor")
+        items = MultiModalKwargsItems.from_hf_inputs(kwargs, config)[modality]
+        for start, end in groups:
+            (_, count, batch), = group_and_batch_mm_kwargs([(modality, item) for item in items[start:end]])
+            if count != end - start:
+                raise RuntimeError(f"divprune_ext: {modality} items {start}..{end} re-batched as {count}")
+            yield batch
 
     @classmethod
     def kept_per_run(cls, modality: str, lengths: List[int], ratio: float, family: str) -> List[int]:
@@ -295,6 +431,19 @@ class PruningModel:
     def _kept(self, item: torch.Tensor, picks: torch.Tensor, modality: str, index: int, kwargs) -> torch.Tensor:
         """What an item's ``k`` placeholders receive: its rows at ``picks`` (ascending)."""
         return item.index_select(0, picks.to(item.device))
+
+
+def encoder_groups(tokens: Sequence[int], limit: int) -> List[tuple]:
+    """Consecutive ``(start, end)`` groups of items (``tokens``: each item's ``n``) of at most
+    ``limit`` tokens each; an item larger than ``limit`` is a group alone; ``limit`` 0: one group."""
+    groups, start, total = [], 0, 0
+    for i, n in enumerate(tokens):
+        if limit and i > start and total + n > limit:
+            groups.append((start, i))
+            start, total = i, 0
+        total += n
+    groups.append((start, len(tokens)))
+    return groups
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,16 @@
 - ``{"kind": "dummy", "modality": m}``: the processor's profiling input for one item of ``m``:
   its placeholders' embedding counts (``lengths``) and the family's ``max`` tokens per item.
 
+- ``{"kind": "profile"}``: the model runner's own ``profile_run`` (what sizes the KV cache on a GPU;
+  the CPU runner skips it in eager mode), in each worker.
+- ``{"kind": "spy"}``: what the spy (below) recorded since the last read, per worker.
+
 A request: ``{"prompt": [parts], "ratio": r or null, "seed": s}`` (see ``harness``).
+
+``"spy": true`` in the spec: each worker records every ``embed_multimodal`` call (its items'
+ratios and unpruned token counts ``n``), every call of the family's encoder inside it (rows per
+item) and every ``select_varlen`` call (lengths, k); ``out["profiled"]``: the tokens per modality
+the plugin takes as the profiled work of one call.
 
 ``"replay_positions": true`` in the spec: CUDA-graph replay semantics for the positions, on the
 CPU. A replayed graph reads the buffers it captured, the runner's own, not the tensors the
@@ -89,6 +98,46 @@ def replay_positions(worker):
     return type(decoder).__name__
 
 
+def spy(worker):
+    """(Runs in each worker, through ``collective_rpc``.) Install the recorder of ``"spy": true``."""
+    import divprune_ext
+    from divprune_ext.vllm.core import ints_of, ratios_from_bits, ratio_field, tokens_field
+
+    model = worker.model_runner.get_model()
+    log = worker.divprune_spy = {"calls": [], "encoded": [], "selected": []}
+    embed, encode, select = model.embed_multimodal, model._encode, divprune_ext.select_varlen
+
+    def embedded(**kwargs):  # instance attributes: the runner and the plugin look them up on the model
+        for m in ("image", "video"):
+            if ratio_field(m) in kwargs:
+                log["calls"].append({"modality": m, "ratios": ratios_from_bits(kwargs[ratio_field(m)]),
+                                     "tokens": ints_of(kwargs[tokens_field(m)]) if tokens_field(m) in kwargs else None})
+        return embed(**kwargs)
+
+    def encoded(modality, ratios, kwargs):
+        out = encode(modality, ratios, kwargs)
+        log["encoded"].append({"modality": modality, "rows": [len(x) for x in out]})
+        return out
+
+    def selected(x, lengths, k=None, **kwargs):
+        log["selected"].append({"lengths": list(lengths), "k": list(k)})
+        return select(x, lengths, k, **kwargs)
+
+    model.embed_multimodal, model._encode, divprune_ext.select_varlen = embedded, encoded, selected
+    return {m: model.profiled_tokens(m) for m in ("image", "video")}
+
+
+def read_spy(worker):
+    log = dict(worker.divprune_spy)
+    for key in worker.divprune_spy:
+        worker.divprune_spy[key] = []
+    return log
+
+
+def profile(worker):
+    worker.model_runner.profile_run()
+
+
 def run(spec):
     from vllm import LLM, SamplingParams
 
@@ -100,6 +149,8 @@ def run(spec):
     out = {}
     if spec.get("replay_positions"):
         out["replay_positions"] = llm.collective_rpc(replay_positions)
+    if spec.get("spy"):
+        out["profiled"] = llm.collective_rpc(spy)[0]
     for name, job in spec["jobs"].items():
         kind = job.get("kind", "generate")
         if kind == "generate":
@@ -144,6 +195,11 @@ def run(spec):
                 frames = info.get_num_frames_with_most_features(llm.llm_engine.model_config.max_model_len, {modality: 1})
                 most = info.get_num_video_tokens(image_width=size.width, image_height=size.height, num_frames=frames)
             out[name] = {"lengths": [p.get_num_embeds() for p in mm["mm_placeholders"][modality]], "max": most}
+        elif kind == "profile":
+            llm.collective_rpc(profile)
+            out[name] = True
+        elif kind == "spy":
+            out[name] = llm.collective_rpc(read_spy)
         else:
             raise ValueError(f"unknown job kind {kind!r}")
     return out

@@ -156,7 +156,7 @@ def run_engine(spec: dict, workdir: str, *, plugins: bool = True, timeout: int =
     if not plugins:
         environment["VLLM_PLUGINS"] = ""
     environment["PYTHONPATH"] = HERE + os.pathsep + environment.get("PYTHONPATH", "")
-    if spec.get("replay_positions"):  # the hook travels to the workers as a pickled function
+    if spec.get("replay_positions") or spec.get("spy"):  # the hooks travel to the workers as pickled functions
         environment["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     with tempfile.NamedTemporaryFile("w", suffix=".json", dir=workdir, delete=False) as f:
         json.dump(spec, f)

@@ -7,6 +7,11 @@ CPU): per item and per run of placeholders ``keep_count`` placeholders and the t
 ratio field carries the exact ratio to the model (1.0 without one); the items' hashes (the
 processor-, encoder- and prefix-cache identity) are equal for equal ratios and differ across
 ratios, with no ratio hashing as 1.0; bad ratios are a ``ValueError`` naming the key.
+
+The memory profile (``test_memory.py`` runs it in an engine): each item carries its unpruned
+placeholder count; the profile's dummy items are marked and keep all their placeholders, and no
+request can mark its own; a batch of items, as the runner batches it, splits back into groups
+equal to the groups batched apart (vLLM's field definitions, as the plugin splits a call).
 """
 import itertools
 import os
@@ -18,10 +23,10 @@ import checkpoints
 import divprune_ext
 import harness
 from divprune_ext.vllm import KEY
-from divprune_ext.vllm.core import ratios_from_bits
+from divprune_ext.vllm.core import PROFILE, PROFILE_RATIO, PruningModel, ratios_from_bits
 from test_families import BAD_RATIOS, PROMPTS, family_of
 
-KINDS = ["llava", "qwen2_vl", "gemma3", "qwen3_vl"]
+KINDS = ["llava", "qwen2_vl", "gemma3", "qwen3_vl", "llava_onevision"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -130,3 +135,71 @@ def test_hashes_are_per_ratio(processor):
 def test_bad_ratios_name_the_key(processor, bad):
     with pytest.raises(ValueError, match=KEY):
         process(processor, prompts_of(processor)[0], bad)
+
+
+def embeds_per_item(out, modality) -> list:
+    return [p.get_num_embeds() for p in out["mm_placeholders"][modality]]
+
+
+@pytest.mark.parametrize("ratio", [None, 0.5, 0.1])
+def test_items_carry_their_unpruned_token_count(processor, ratio):
+    for prompt in prompts_of(processor):
+        full, out = process(processor, prompt), process(processor, prompt, ratio)
+        for modality, items in out["mm_kwargs"].items():
+            tokens = [int(item[f"divprune_{modality}_tokens"].data) for item in items]
+            assert tokens == embeds_per_item(full, modality), (prompt, modality)
+
+
+def test_profile_items_are_marked_and_unpruned(processor):
+    _, _, made = processor
+    for modality in made.info.get_supported_mm_limits():
+        dummy = made.get_dummy_mm_inputs({modality: 1})
+        item, = dummy["mm_kwargs"][modality]
+        assert ratios_from_bits(item[f"divprune_{modality}_ratio"].data.reshape(1)) == [PROFILE_RATIO]
+        assert int(item[f"divprune_{modality}_tokens"].data) == embeds_per_item(dummy, modality)[0]
+
+
+@pytest.mark.parametrize("value", [True, 1, "yes"])
+def test_requests_cannot_mark_the_profile(processor, value):
+    from vllm.multimodal.processing.context import TimingContext
+    from vllm.multimodal.processing.inputs import ProcessorInputs
+
+    _, path, made = processor
+    request = harness.vllm_request(path, prompts_of(processor)[0])
+    ids = made.info.get_tokenizer().encode(request["prompt"], add_special_tokens=False)
+    inputs = ProcessorInputs(ids, made.info.parse_mm_data(request["multi_modal_data"]),
+                             hf_processor_mm_kwargs={**harness.processor_kwargs(path), PROFILE: value})
+    with pytest.raises(ValueError, match=PROFILE):
+        made.apply(inputs, TimingContext(enabled=False))
+
+
+def same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_batches_split_into_their_groups(processor):
+    """What the plugin does with a call larger than the profile: the runner's batch of a modality's
+    items (``group_and_batch_mm_kwargs``) split into consecutive groups equals each group batched apart."""
+    from types import SimpleNamespace
+
+    from vllm.multimodal.utils import group_and_batch_mm_kwargs
+
+    _, _, made = processor
+    model = SimpleNamespace(mm_budget=lambda: SimpleNamespace(processor=made))
+    outs = [process(processor, prompt, 0.5) for prompt in prompts_of(processor)]
+    for modality in ("image", "video"):
+        items = [(modality, item) for out in outs for item in out["mm_kwargs"].get(modality, [])]
+        if len(items) < 2:
+            continue
+        (_, count, batch), = group_and_batch_mm_kwargs(items)
+        assert count == len(items)
+        fields = {k: v for k, v in batch.items() if not k.startswith("divprune_")}  # as embed_multimodal gets them
+        groups = [(0, 1), (1, len(items) - 1), (len(items) - 1, len(items))] if len(items) > 2 else [(0, 1), (1, 2)]
+        for (start, end), got in zip(groups, PruningModel._sub_batches(model, modality, fields, groups)):
+            (_, _, expected), = group_and_batch_mm_kwargs(items[start:end])
+            expected = {k: v for k, v in expected.items() if not k.startswith("divprune_")}
+            assert got.keys() == expected.keys() and all(same(got[k], expected[k]) for k in got), (modality, start)

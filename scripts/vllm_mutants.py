@@ -95,7 +95,7 @@ MUTANTS = [
            "rows[(~is_token).to(item.device), :0] = self.get_language_model()",
            "Qwen3-VL video: its timestamps and markers left as zero rows", QWEN3),
     Mutant("encoder-work-unbounded", "core.py",
-           "groups = encoder_groups(ints_of(tokens[modality]), self.profiled_tokens(modality))",
+           "groups = encoder_groups(ints_of(tokens[modality]), self.profiled_tokens())",
            "groups = encoder_groups(ints_of(tokens[modality]), 0)",
            "a call's pruned items encoded all at once, beyond the profiled work", MEMORY),
     Mutant("profile-without-selection", "core.py",

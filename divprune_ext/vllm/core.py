@@ -50,7 +50,7 @@ largest size in one ``embed_multimodal`` call (``MultiModalBudget``). Two things
   so at ratio ``r`` one step may hand ``embed_multimodal`` items of up to budget / ``r`` tokens.
   Each item's ``n`` travels with it (field ``divprune_<modality>_tokens``); a call holding pruned
   items encodes them in consecutive groups of at most the profiled tokens
-  (``mm_max_items_per_batch * mm_max_toks_per_item``; an item larger than that alone), each group
+  (:meth:`PruningModel.profiled_tokens`; an item larger than that alone), each group
   selected before the next is encoded: the encoder's and the selection's peaks stay those of the
   profile. Batches split with vLLM's own field definitions (the processor's
   ``_get_mm_fields_config``, ``MultiModalKwargsItems`` and ``group_and_batch_mm_kwargs``, as the
@@ -329,7 +329,7 @@ class PruningModel:
             return items
         groups = [(0, len(ratios))]
         if min(ratios) < 1.0 and modality in tokens:  # calls of unpruned items only are vLLM's own
-            groups = encoder_groups(ints_of(tokens[modality]), self.profiled_tokens(modality))
+            groups = encoder_groups(ints_of(tokens[modality]), self.profiled_tokens())
         if len(groups) == 1:
             return tuple(self._prune(list(self._encode(modality, ratios, kwargs)), ratios, modality, kwargs))
         # More than the profile encoded in one call (the scheduler charged k, not n): consecutive groups,
@@ -355,11 +355,17 @@ class PruningModel:
             self._divprune_budget = MultiModalBudget(self._divprune_config, MULTIMODAL_REGISTRY, enable_cache=False)
         return self._divprune_budget
 
-    def profiled_tokens(self, modality: str) -> int:
-        """The tokens of ``modality`` the profile run encodes in one call (``mm_max_items_per_batch``
-        items of ``mm_max_toks_per_item``); 0 if it encodes none (no limit then)."""
+    def profiled_tokens(self) -> int:
+        """The tokens the profile run encodes in one call: ``mm_max_items_per_batch`` items of the
+        modality with the most tokens per item (the one vLLM profiles), ``mm_max_toks_per_item``
+        each; 0 where it encodes none (no limit then). The limit for items of every modality: a
+        group of at most that many tokens, none above the largest profiled item, has at most the
+        profiled Σ n² too."""
         budget = self.mm_budget()
-        return budget.mm_max_items_per_batch.get(modality, 0) * budget.mm_max_toks_per_item.get(modality, 0)
+        if not budget.mm_max_toks_per_item:
+            return 0
+        modality = budget.get_modality_with_max_tokens()
+        return budget.mm_max_items_per_batch.get(modality, 0) * budget.mm_max_toks_per_item[modality]
 
     def _sub_batches(self, modality: str, kwargs, groups):
         """``kwargs`` (one batch of ``modality`` items) as one batch per group of items, split and

@@ -23,8 +23,8 @@ A request: ``{"prompt": [parts], "ratio": r or null, "seed": s}`` (see ``harness
 
 ``"spy": true`` in the spec: each worker records every ``embed_multimodal`` call (its items'
 ratios and unpruned token counts ``n``), every call of the family's encoder inside it (rows per
-item) and every ``select_varlen`` call (lengths, k); ``out["profiled"]``: the tokens per modality
-the plugin takes as the profiled work of one call.
+item) and every ``select_varlen`` call (lengths, k); ``out["profiled"]``: the tokens the plugin
+takes as the profiled work of one call.
 
 ``"replay_positions": true`` in the spec: CUDA-graph replay semantics for the positions, on the
 CPU. A replayed graph reads the buffers it captured, the runner's own, not the tensors the
@@ -124,7 +124,7 @@ def spy(worker):
         return select(x, lengths, k, **kwargs)
 
     model.embed_multimodal, model._encode, divprune_ext.select_varlen = embedded, encoded, selected
-    return {m: model.profiled_tokens(m) for m in ("image", "video")}
+    return model.profiled_tokens()
 
 
 def read_spy(worker):

@@ -4,6 +4,8 @@ Each check runs in a fresh interpreter: vLLM loads general plugins once per proc
 import subprocess
 import sys
 
+import pytest
+
 import divprune_ext.vllm
 
 
@@ -64,3 +66,35 @@ def test_another_vllm_version_registers_nothing_and_says_so():
         low, high = divprune_ext.vllm.SUPPORTED_VLLM
         span = f">={'.'.join(map(str, low))},<{'.'.join(map(str, high))}"
         assert f"divprune_ext's vLLM plugin supports vLLM {span}; installed: vLLM {version}" in done.stderr + done.stdout
+
+
+def engine_config(**changes):
+    """The parts of a VllmConfig that ``check_model_config`` reads, as vLLM names them."""
+    from types import SimpleNamespace
+    from vllm.config import CompilationConfig, LoRAConfig
+
+    config = SimpleNamespace(model_config=SimpleNamespace(hf_config=SimpleNamespace()),
+                             compilation_config=CompilationConfig(), lora_config=None)
+    for name, value in changes.items():
+        if name == "enable_tower_connector_lora":
+            config.lora_config = LoRAConfig(enable_tower_connector_lora=value)
+        elif name == "cudagraph_mm_encoder":
+            config.compilation_config = CompilationConfig(cudagraph_mm_encoder=value)
+        else:
+            setattr(config.model_config.hf_config, name, value)
+    return config
+
+
+@pytest.mark.parametrize("setting, value, message", [
+    ("cudagraph_mm_encoder", True, "cudagraph_mm_encoder"),
+    ("enable_tower_connector_lora", True, "enable_tower_connector_lora"),
+    ("divprune_keep_ratio", 1.5, "divprune_keep_ratio"),
+])
+def test_engine_start_refuses_what_the_plugin_cannot_serve(setting, value, message):
+    """Configurations under which the pruned items would be wrong are a ValueError naming the setting
+    (vLLM's own config classes, so a renamed field fails here)."""
+    from divprune_ext.vllm.core import check_model_config
+    check_model_config(engine_config())  # the defaults pass
+    check_model_config(engine_config(**{setting: not value if isinstance(value, bool) else 0.5}))
+    with pytest.raises(ValueError, match=message):
+        check_model_config(engine_config(**{setting: value}))

@@ -17,7 +17,7 @@ import pytest
 
 import checkpoints
 import harness
-from divprune_ext.vllm.core import PROFILE_RATIO
+from divprune_ext.vllm.core import PROFILE_RATIO, encoder_groups
 
 KIND = "qwen2_vl"
 STEP = 256  # max_num_batched_tokens: the encoder budget is the largest item (448 tokens, a video)
@@ -43,7 +43,7 @@ def test_profile_run_measures_the_selection(run):
     log, = run["profiled_calls"]  # one worker
     call, = log["calls"]
     assert set(call["ratios"]) == {PROFILE_RATIO}
-    assert sum(call["tokens"]) == run["profiled"][call["modality"]]  # what the plugin takes as the profiled work
+    assert sum(call["tokens"]) == run["profiled"]  # what the plugin takes as the profiled work
     assert log["encoded"] == [{"modality": call["modality"], "rows": call["tokens"]}]  # encoded once, unpruned
     assert log["selected"] == [{"lengths": call["tokens"], "k": [1] * len(call["tokens"])}]
 
@@ -69,3 +69,15 @@ def test_split_calls_give_transformers_tokens(run):
     for request, result in zip(run["requests"], run["serve"]):
         expected = harness.hf_generate(run["path"], request["prompt"], request["ratio"], request["seed"])
         assert result["tokens"] == expected, request
+
+
+@pytest.mark.parametrize("tokens, limit, groups", [
+    ([80, 88, 80, 88], 448, [(0, 4)]),
+    ([200, 200, 100, 300], 448, [(0, 2), (2, 4)]),
+    ([500, 10, 10], 448, [(0, 1), (1, 3)]),        # an item above the limit: alone
+    ([10, 500, 10], 448, [(0, 1), (1, 2), (2, 3)]),
+    ([224, 224, 224], 448, [(0, 2), (2, 3)]),      # exactly the limit fits
+    ([5, 5], 0, [(0, 2)]),                         # nothing profiled: one group
+])
+def test_encoder_groups(tokens, limit, groups):
+    assert encoder_groups(tokens, limit) == groups

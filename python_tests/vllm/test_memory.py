@@ -1,8 +1,8 @@
 """The plugin inside vLLM's memory profile, in an engine (docs/vllm_plugin_design.md, "Memory").
 
 vLLM sizes the KV cache from a profile run that encodes ``mm_max_items_per_batch`` items of the
-largest size in one ``embed_multimodal`` call. One engine (Qwen2-VL, tiny; 256 tokens a step,
-chunked prefill) with a recorder in its worker (``engine_runs`` ``"spy"``) runs the runner's own
+largest size in one ``embed_multimodal`` call. One engine (Qwen2-VL, tiny, images only: the
+profile encodes 4 images of 64 tokens; 256 tokens a step, chunked prefill) with a recorder in its worker (``engine_runs`` ``"spy"``) runs the runner's own
 ``profile_run`` (the CPU runner skips it in eager mode) and then a batch of large images, most
 at 0.1, for which the scheduler (charging ``k`` placeholders, not the ``n`` tokens the encoder
 computes) hands ``embed_multimodal`` more than the profile encoded:
@@ -20,18 +20,24 @@ import harness
 from divprune_ext.vllm.core import PROFILE_RATIO, encoder_groups
 
 KIND = "qwen2_vl"
-STEP = 256  # max_num_batched_tokens: the encoder budget is the largest item (448 tokens, a video)
-IMAGES = [("image", (280, 224)), "compare the two images", ("image", (224, 308))]  # 80 and 88 tokens
-RATIOS = [0.1, 0.25, 0.1, 0.5, 0.1, 0.1, 1.0, 0.1]
+STEP = 256  # max_num_batched_tokens and encoder budget: the profile encodes 4 images of at most 64 tokens
+# 54 to 63 tokens an image (the tiny processor's pixel limit), grids differing from item to item (a
+# group reading another item's grid would place its kept tokens wrongly)
+SIZES = [(392, 308), (308, 420), (364, 336), (448, 280), (280, 448), (420, 364), (336, 392)]
+RATIOS = [0.1, 0.25, 0.1, 0.5, 0.1, 0.1, 1.0, 0.1, 0.1, 0.25, 0.1, 0.1]
+
+
+def prompt(i):
+    return [("image", SIZES[2 * i % len(SIZES)]), "compare the two images", ("image", SIZES[(2 * i + 1) % len(SIZES)])]
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("memory")
     path = checkpoints.build(KIND, str(workdir / KIND))
-    requests = [{"prompt": IMAGES, "ratio": r, "seed": seed} for seed, r in enumerate(RATIOS)]
+    requests = [{"prompt": prompt(i), "ratio": r, "seed": i} for i, r in enumerate(RATIOS)]
     engine = {"max_num_batched_tokens": STEP, "enable_chunked_prefill": True, "block_size": 32,
-              "limit_mm_per_prompt": {"image": 2, "video": 1}}
+              "limit_mm_per_prompt": {"image": 2, "video": 0}}
     jobs = {"profile": {"kind": "profile"}, "profiled_calls": {"kind": "spy"},
             "serve": {"requests": requests}, "served_calls": {"kind": "spy"}}
     out = harness.run_engine({"path": path, "spy": True, "engine": engine, "jobs": jobs}, str(workdir))

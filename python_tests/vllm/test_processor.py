@@ -11,10 +11,12 @@ ratios, with no ratio hashing as 1.0; bad ratios are a ``ValueError`` naming the
 The memory profile (``test_memory.py`` runs it in an engine): each item carries its unpruned
 placeholder count; the profile's dummy items are marked and keep all their placeholders, and no
 request can mark its own; a batch of items, as the runner batches it, splits back into groups
-equal to the groups batched apart (vLLM's field definitions, as the plugin splits a call).
+equal to the groups batched apart (vLLM's field definitions, as the plugin splits a call); Model
+Runner V2's own profile step runs the selection on the dummy items.
 """
 import itertools
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -42,19 +44,28 @@ def safe_path():
         os.environ["PYTHONSAFEPATH"] = before
 
 
-@pytest.fixture(scope="module", params=KINDS)
-def processor(request, tmp_path_factory):
+_MADE = {}
+
+
+def make_processor(kind, tmp_path_factory):
+    """(kind, checkpoint path, the processor vLLM's front-end builds for it), once per kind."""
     from vllm.config import ModelConfig
     from vllm.multimodal import MULTIMODAL_REGISTRY
     from vllm.plugins import load_general_plugins
 
-    load_general_plugins()
-    kind = request.param
-    path = checkpoints.build(kind, str(tmp_path_factory.mktemp(kind) / kind))
-    config = ModelConfig(model=path, dtype="float32", mm_processor_kwargs=harness.processor_kwargs(path) or None)
-    made = MULTIMODAL_REGISTRY.create_processor(config)
-    assert type(made).__name__.startswith("DivPrune"), type(made).__mro__
-    return kind, path, made
+    if kind not in _MADE:
+        load_general_plugins()
+        path = checkpoints.build(kind, str(tmp_path_factory.mktemp(kind) / kind))
+        config = ModelConfig(model=path, dtype="float32", mm_processor_kwargs=harness.processor_kwargs(path) or None)
+        made = MULTIMODAL_REGISTRY.create_processor(config)
+        assert type(made).__name__.startswith("DivPrune"), type(made).__mro__
+        _MADE[kind] = kind, path, made
+    return _MADE[kind]
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def processor(request, tmp_path_factory):
+    return make_processor(request.param, tmp_path_factory)
 
 
 def process(processor, prompt, ratio=None):
@@ -203,3 +214,34 @@ def test_batches_split_into_their_groups(processor):
             (_, _, expected), = group_and_batch_mm_kwargs(items[start:end])
             expected = {k: v for k, v in expected.items() if not k.startswith("divprune_")}
             assert got.keys() == expected.keys() and all(same(got[k], expected[k]) for k in got), (modality, start)
+
+
+def test_model_runner_v2_profile_runs_the_selection(tmp_path_factory, monkeypatch):
+    """Model Runner V2's own profile (``EncoderRunner.profile_encoder_cache``: what GPUs run, the only
+    runner of 0.34) on the processor's dummy items: the plugin's model selects them once (k = 1 each)
+    and hands back their unpruned rows. The family's tower is a stand-in (rows of the right count)."""
+    from vllm.v1.worker.gpu.mm.encoder_runner import EncoderRunner
+    from divprune_ext.vllm.qwen_vl import QwenVLPruning
+    from mrope_stubs import MERGE, bare
+
+    class Tower:  # the family's embed_multimodal: one row per merged patch
+        def embed_multimodal(self, **kwargs):
+            return [torch.randn(int(g.prod()) // MERGE ** 2, 8) for g in kwargs["image_grid_thw"]]
+
+    class Model(QwenVLPruning, Tower):
+        pass
+
+    _, _, made = make_processor("qwen2_vl", tmp_path_factory)
+    item, = made.get_dummy_mm_inputs({"image": 1})["mm_kwargs"]["image"]
+    n = int(item["divprune_image_tokens"].data)
+    selected = []
+    select = divprune_ext.select_varlen
+    monkeypatch.setattr(divprune_ext, "select_varlen", lambda x, lengths, k, **kw: selected.append(
+        (list(lengths), list(k))) or select(x, lengths, k, **kw))
+    runner = SimpleNamespace(model=bare(Model), device="cpu", cudagraph_manager=None,
+                             encoder_cache=SimpleNamespace(encoder_outputs={}))
+    runner.execute_mm_encoder = lambda inputs: EncoderRunner.execute_mm_encoder(runner, inputs)
+    budget = SimpleNamespace(get_encoder_budget=lambda: 2 * n, mm_max_toks_per_item={"image": n})
+    EncoderRunner.profile_encoder_cache(runner, [("image", item)] * 2, budget)
+    assert selected == [([n, n], [1, 1])]
+    assert [len(v) for v in runner.encoder_cache.encoder_outputs.values()] == [n, n]

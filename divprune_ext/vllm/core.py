@@ -326,6 +326,7 @@ class PruningModel:
         if PROFILE_RATIO in ratios:  # the profile run: unpruned rows, the selection's workspace measured
             items = self._encode(modality, ratios, kwargs)
             self._prune(list(items), [SMALLEST_RATIO] * len(ratios), modality, kwargs)
+            self.profiled_tokens()  # vLLM's budget made at start-up, not on the first large call
             return items
         groups = [(0, len(ratios))]
         if min(ratios) < 1.0 and modality in tokens:  # calls of unpruned items only are vLLM's own

@@ -27,13 +27,12 @@ recomputes the per-layer inputs from those ids, as transformers computes them fr
 prompt.
 
 Attention: on GPUs vLLM makes each run of embedding tokens of an item bidirectional where
-``text_config.use_bidirectional_attention == "vision"`` (the larger Gemma 4 models;
-``PlaceholderRange.extract_embeds_range``). An image's kept tokens stay one run, one
+``text_config.use_bidirectional_attention == "vision"`` (``PlaceholderRange.extract_embeds_range``). An image's kept tokens stay one run, one
 bidirectional span, as ``divprune_ext.hf`` keeps them one ``mm_token_type_ids`` run. A pruned
 video's whole replacement is one run (timestamps and markers included), where transformers
 makes each frame's kept tokens a span of their own: videos of those models are refused below
-ratio 1 (``ValueError`` naming ``divprune_keep_ratio``); models without bidirectional image
-attention (E2B, E4B) and every model on vLLM's CPU backend (no spans) are exact.
+ratio 1 (``ValueError`` naming ``divprune_keep_ratio``, :class:`Gemma4VideoRatioCheck`); models with
+causal image attention prune videos exactly (vLLM's CPU backend has no spans at all).
 """
 from types import SimpleNamespace
 from typing import List

@@ -44,8 +44,8 @@ GEMMA3 = ["python_tests/vllm/test_families.py", "python_tests/vllm/test_placehol
 REPLAYED = ["python_tests/vllm/test_families.py", "-k", "qwen2_vl and replay and (pruned or two_items)"]
 EAGER = ["python_tests/vllm/test_families.py", "-k", "qwen2_vl and not replay and (pruned or two_items)"]
 GRAPH = ["python_tests/vllm/test_positions.py", "-k", "replayed_graph"]
-GEMMA4 = ["python_tests/vllm/test_families.py", "python_tests/vllm/test_placeholders.py", "-k",
-          "gemma4 and (pruned or placeholder or two_items)"]
+GEMMA4 = ["python_tests/vllm/test_placeholders.py", "python_tests/vllm/test_families.py", "-k",
+          "gemma4 and (pruned or placeholder or two_items or video)"]
 QWEN3 = ["python_tests/vllm/test_families.py", "python_tests/vllm/test_placeholders.py",
          "python_tests/vllm/test_positions.py", "-k", "qwen3 and (pruned or placeholder or positions)"]
 

@@ -17,7 +17,10 @@ image with its newline rows); a video frame pools to 2x2 tokens. Qwen3-VL: 16x16
 layers. Gemma 3: SigLIP 56x56 images in 14x14 patches -> 16 tokens an image of any shape; with
 pan-and-scan (mm_processor_kwargs ``do_pan_and_scan=True, pan_and_scan_min_crop_size=28``: the
 default minimum, 256, leaves these small images uncropped) 16 more a crop, 2 or 3 crops of an image
-1.2 to 4 times as wide as tall or the other way. ``initializer_range`` 0.3: random weights at the
+1.2 to 4 times as wide as tall or the other way. Gemma 4: 4x4 patches pooled 2x2, at most 70 soft
+tokens an image (resized to fit 280 patches: 60 for 60x90, 64 for 56x56) or video frame (each after
+its "mm:ss" timestamp), per-layer inputs on, causal image attention, its placeholder ids suppressed
+in generation. ``initializer_range`` 0.3: random weights at the
 default 0.02 barely look at the image, and different images must give different greedy tokens.
 
 The pieces are public for checkpoints of other shapes (``bench.serving``'s): :func:`tokenizer`

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Break the vLLM plugin on purpose and check that its tests fail.
 
-Each mutant changes one line of the plugin as installed in the vLLM test environment (the
-wheel that scripts/vllm_env.sh installs; the source tree is not touched) and runs the vLLM tests
-that must catch it; the installed file is restored afterwards. Run it after the environment is
+Each mutant changes one line of the plugin the tests import (the wheel that scripts/vllm_env.sh
+installs in the vLLM test environment, or the copy first on PYTHONPATH: then that copy is
+edited) and runs the vLLM tests that must catch it; the file is restored afterwards. Run it after the environment is
 set up (minutes per mutant: each runs engines):
 
     DIVPRUNE_VLLM_SETUP_ONLY=1 bash scripts/vllm_env.sh
@@ -44,6 +44,8 @@ GEMMA3 = ["python_tests/vllm/test_families.py", "python_tests/vllm/test_placehol
 REPLAYED = ["python_tests/vllm/test_families.py", "-k", "qwen2_vl and replay and (pruned or two_items)"]
 EAGER = ["python_tests/vllm/test_families.py", "-k", "qwen2_vl and not replay and (pruned or two_items)"]
 GRAPH = ["python_tests/vllm/test_positions.py", "-k", "replayed_graph"]
+GEMMA4 = ["python_tests/vllm/test_placeholders.py", "python_tests/vllm/test_families.py", "-k",
+          "gemma4 and (pruned or placeholder or two_items or video)"]
 QWEN3 = ["python_tests/vllm/test_families.py", "python_tests/vllm/test_placeholders.py",
          "python_tests/vllm/test_positions.py", "-k", "qwen3 and (pruned or placeholder or positions)"]
 
@@ -108,14 +110,31 @@ MUTANTS = [
     Mutant("groups-get-the-first-items", "core.py",
            "for item in items[start:end]])", "for item in items[:end - start]])",
            "every group encodes the call's first items", MEMORY),
+    Mutant("gemma4-video-per-frame", "gemma4.py",
+           "frame_of = torch.bucketize(picks, torch.tensor(frames).cumsum(0), right=True)",
+           "frame_of = picks % len(frames)", "Gemma 4 video: kept tokens put in the wrong frames", GEMMA4),
+    Mutant("gemma4-video-text-not-embedded", "gemma4.py",
+           "rows[(~is_token).to(item.device)] = self.get_language_model().embed_input_ids(text).to(item.dtype)",
+           "rows[(~is_token).to(item.device)] = 0", "Gemma 4 video: its timestamps and markers left as zero rows",
+           GEMMA4),
+    Mutant("gemma4-per-layer-inputs-from-prompt", "gemma4.py",
+           "if ple_ids is not None and self.per_layer_embeddings is not None:", "if False:",
+           "Gemma 4 video: per-layer inputs of the pruned prompt's ids, which lie elsewhere than the rows'",
+           ["python_tests/vllm/test_families.py", "-k", "gemma4 and pruned"]),
+    Mutant("gemma4-per-layer-inputs-of-placeholders", "gemma4.py",
+           "return with_token_ids(rows, torch.where(is_token, 0, ids))", "return with_token_ids(rows, ids)",
+           "Gemma 4 video: per-layer inputs of the video token id at kept tokens (transformers: padding)", GEMMA4),
+    Mutant("gemma4-bidirectional-video-pruned", "gemma4.py", "if (ratio is not None and inputs.mm_data_items",
+           "if (False and inputs.mm_data_items", "Gemma 4: videos pruned where vLLM's GPU attention would "
+           "make the whole pruned span bidirectional", GEMMA4),
 ]
 
 
 def installed_plugin() -> str:
-    spec = importlib.util.find_spec("divprune_ext")
-    if spec is None or not spec.origin.startswith(sys.prefix):
+    """The plugin's folder the tests import (PYTHONPATH first, else the installed wheel)."""
+    if importlib.util.find_spec("vllm") is None or importlib.util.find_spec("divprune_ext") is None:
         sys.exit("run with the vLLM environment's python (divprune_ext installed there): see the docstring")
-    return os.path.join(os.path.dirname(spec.origin), "vllm")
+    return os.path.dirname(importlib.util.find_spec("divprune_ext.vllm").origin)
 
 
 def pytest(tests):

@@ -17,7 +17,10 @@ image with its newline rows); a video frame pools to 2x2 tokens. Qwen3-VL: 16x16
 layers. Gemma 3: SigLIP 56x56 images in 14x14 patches -> 16 tokens an image of any shape; with
 pan-and-scan (mm_processor_kwargs ``do_pan_and_scan=True, pan_and_scan_min_crop_size=28``: the
 default minimum, 256, leaves these small images uncropped) 16 more a crop, 2 or 3 crops of an image
-1.2 to 4 times as wide as tall or the other way. ``initializer_range`` 0.3: random weights at the
+1.2 to 4 times as wide as tall or the other way. Gemma 4: 4x4 patches pooled 2x2, at most 70 soft
+tokens an image (resized to fit 280 patches: 60 for 60x90, 64 for 56x56) or video frame (each after
+its "mm:ss" timestamp), per-layer inputs on, causal image attention, its placeholder ids suppressed
+in generation. ``initializer_range`` 0.3: random weights at the
 default 0.02 barely look at the image, and different images must give different greedy tokens.
 
 The pieces are public for checkpoints of other shapes (``bench.serving``'s): :func:`tokenizer`
@@ -42,7 +45,7 @@ __all__ = ["KINDS", "SEED", "INIT", "build", "tokenizer", "rename_weights", "REN
 SEED = 0
 INIT = 0.3
 KINDS = ["llava", "qwen2_vl", "qwen2_5_vl", "llava_next", "llava_next_video", "llava_onevision", "gemma3",
-         "qwen3_vl"]
+         "qwen3_vl", "gemma4"]
 LLAVA_SIDE, LLAVA_PATCH = 56, 14
 # LLaVA-NeXT / NeXT-Video / OneVision: 16x16 tiles in 4x4 patches (16 tokens a tile; a video frame
 # pools to 2x2); anyres over 1x2, 2x1 and 2x2 tiles. vLLM's NeXT-Video pooler divides by
@@ -56,6 +59,9 @@ QWEN3_PATCH = 16
 QWEN3_MIN_PIXELS, QWEN3_MAX_PIXELS = 16 * 32 * 32, 64 * 32 * 32
 # Gemma 3: SigLIP 56x56 images in 14x14 patches, 16 tokens an image (its 4x4 patches pooled 1x1).
 GEMMA_SIDE, GEMMA_PATCH, GEMMA_TOKENS = 56, 14, 16
+# Gemma 4: 4x4 patches pooled 2x2, at most 70 soft tokens an image or video frame (the smallest setting;
+# vLLM fixes a video frame's at 70): an image is resized to fit 280 patches, keeping its aspect ratio.
+GEMMA4_PATCH, GEMMA4_POOL, GEMMA4_TOKENS = 4, 2, 70
 SENTENCES = [
     "what is in the image ?", "describe the picture in a few words .", "the cat sat on the mat .",
     "a red ball and a blue box are on the table .", "compare the two images and the video .",
@@ -72,6 +78,9 @@ NEXT_SPECIAL = LLAVA_SPECIAL + ["<video>"]
 # join into "\n\n\n\n" were the space dropped.
 GEMMA_SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
                  "<end_of_image>", "<image_soft_token>", "\n", "\n\n", "\n\n\n", "\n\n\n\n", " "]
+# Gemma 4: its image / video / audio tokens; a frame's "mm:ss" timestamp is 5 tokens (digits and ":" apart).
+GEMMA4_SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<|image>", "<image|>",
+                  "<|image|>", "<|video|>", "<|audio>", "<audio|>", "<|audio|>"]
 QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                 "<|image_pad|>", "<|video_pad|>"]
 LLAVA_TEMPLATE = (
@@ -88,6 +97,9 @@ GEMMA_TEMPLATE = (
     "{% for part in message['content'] %}{% if part['type'] == 'image' or part['type'] == 'image_url' %}<start_of_image>"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<end_of_turn>\n"
     "{% endfor %}{% if add_generation_prompt %}<start_of_turn>assistant\n{% endif %}")
+GEMMA4_TEMPLATE = GEMMA_TEMPLATE.replace("<start_of_image>", "<|image|>").replace(
+    "{% elif part['type'] == 'text' %}",
+    "{% elif part['type'] == 'video' or part['type'] == 'video_url' %}<|video|>{% elif part['type'] == 'text' %}")
 QWEN_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
@@ -272,6 +284,47 @@ def _gemma3() -> Tuple[torch.nn.Module, object]:
     return model, processor
 
 
+def _gemma4() -> Tuple[torch.nn.Module, object]:
+    import torch
+    import transformers
+    names = dict(boi_token="<|image>", eoi_token="<image|>", image_token="<|image|>", boa_token="<|audio>",
+                 eoa_token="<audio|>", audio_token="<|audio|>")
+    tok = tokenizer(GEMMA4_SPECIAL, GEMMA4_TEMPLATE, sentences=["00:00 01:23 45:67 89:00"], marks=True,
+                    pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", **names)
+    ids = {f"{name[:-6]}_token_id": tok.convert_tokens_to_ids(token) for name, token in names.items()}
+    ids["video_token_id"] = tok.convert_tokens_to_ids("<|video|>")
+    # 2 layers: one sliding-window layer, one global (head_dim 32 both: global_head_dim); per-layer
+    # inputs (hidden_size_per_layer_input) on, which Gemma 4 computes from the token ids. Causal image
+    # attention (use_bidirectional_attention None, as the E2B / E4B models): vLLM's CPU backend has no
+    # bidirectional spans.
+    text = transformers.Gemma4TextConfig(**_text(len(tok), head_dim=32, global_head_dim=32, sliding_window=512,
+                                                 layer_types=["sliding_attention", "full_attention"],
+                                                 vocab_size_per_layer_input=len(tok), hidden_size_per_layer_input=8,
+                                                 num_kv_shared_layers=0, pad_token_id=tok.pad_token_id,
+                                                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    vision = transformers.Gemma4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+                                             patch_size=GEMMA4_PATCH, pooling_kernel_size=GEMMA4_POOL,
+                                             position_embedding_size=128, default_output_length=GEMMA4_TOKENS,
+                                             initializer_range=INIT)
+    config = transformers.Gemma4Config(vision_config=vision.to_dict(), text_config=text.to_dict(), audio_config=None,
+                                       initializer_range=INIT, tie_word_embeddings=False,
+                                       **{k: v for k, v in ids.items() if k not in ("boa_token_id", "eoa_token_id")})
+    model = transformers.Gemma4ForConditionalGeneration(config)
+    # Never generate a placeholder id: transformers reads it back as an image / video / audio slot (embedded as
+    # padding), vLLM as text. Both honour the generation config's suppress_tokens.
+    model.generation_config.suppress_tokens = sorted(ids.values())
+    with torch.no_grad():  # as for Gemma 3: the token embeddings are scaled by sqrt(hidden)
+        model.model.language_model.embed_tokens.weight.mul_(text.hidden_size ** -0.5)
+    sizes = dict(patch_size=GEMMA4_PATCH, pooling_kernel_size=GEMMA4_POOL, max_soft_tokens=GEMMA4_TOKENS)
+    image = transformers.Gemma4ImageProcessor(**sizes)
+    video = transformers.Gemma4VideoProcessor(**sizes, do_sample_frames=False)
+    processor = transformers.Gemma4Processor(feature_extractor=transformers.Gemma4AudioFeatureExtractor(),
+                                             image_processor=image, tokenizer=tok, video_processor=video,
+                                             chat_template=GEMMA4_TEMPLATE, image_seq_length=GEMMA4_TOKENS)
+    return model, processor
+
+
 BUILDERS: Dict[str, Callable[[], Tuple[torch.nn.Module, object]]] = {
     "llava": _llava,
     "qwen2_vl": lambda: _qwen("qwen2_vl"),
@@ -281,6 +334,7 @@ BUILDERS: Dict[str, Callable[[], Tuple[torch.nn.Module, object]]] = {
     "llava_onevision": lambda: _llava_next("llava_onevision"),
     "gemma3": _gemma3,
     "qwen3_vl": lambda: _qwen("qwen3_vl"),
+    "gemma4": _gemma4,
 }
 
 

@@ -41,6 +41,7 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2VLForConditionalGeneration": "divprune_ext.vllm.qwen_vl:DivPruneQwen2VL",
     "Qwen2_5_VLForConditionalGeneration": "divprune_ext.vllm.qwen_vl:DivPruneQwen2_5_VL",
     "Qwen3VLForConditionalGeneration": "divprune_ext.vllm.qwen_vl:DivPruneQwen3VL",
+    "Gemma4ForConditionalGeneration": "divprune_ext.vllm.gemma4:DivPruneGemma4",
 }
 
 

@@ -190,6 +190,10 @@ def run(spec):
                 size = info.get_image_size_with_most_features()
                 most = info.get_num_image_tokens(image_width=size.width, image_height=size.height,
                                                  processor=info.get_hf_processor(), mm_kwargs={})
+            elif hasattr(info, "_compute_num_soft_tokens"):  # Gemma 4: its dummy image's soft tokens
+                image = processor.dummy_inputs.get_dummy_mm_data(llm.llm_engine.model_config.max_model_len,
+                                                                 {modality: 1})[modality][0]
+                most = info._compute_num_soft_tokens(*image.size)
             else:  # LLaVA-NeXT-Video: its largest frames, as many as the dummy video has
                 size = info.get_image_size_with_most_features()
                 frames = info.get_num_frames_with_most_features(llm.llm_engine.model_config.max_model_len, {modality: 1})

@@ -62,6 +62,14 @@ PROMPTS = {
         ["what is in the image ?", ("image", (56, 168))],                       # wide: 4 runs of 16
         [("image", (120, 50)), "compare the two images", ("image", (56, 56))],  # tall (3 runs), square (1)
     ],
+    # at most 70 soft tokens an image or frame (an image is resized to fit 280 patches); a video's frames
+    # each after its "mm:ss" timestamp, selected together: all its kept tokens in the first frame's run
+    "gemma4": [
+        ["what is in the image ?", ("image", (60, 90))],                        # 6 x 10 tokens
+        [("image", (120, 50)), "compare the two images", ("image", (56, 56))],  # 12 x 5, 8 x 8
+        ["describe", ("video", (4, 56, 84)), "the video"],                     # 4 frames of 6 x 10
+        [("image", (84, 56)), ("video", (2, 56, 56)), "one two"],
+    ],
 }
 # Two pruned items inside one 16-token prefill chunk (placeholders at 0.25: 4 + 4 for LLaVA, 4 + 4 for Qwen).
 TWO_IN_ONE_CHUNK = {"llava": [("image", (56, 56)), ("image", (50, 60)), "two"],
@@ -70,17 +78,18 @@ TWO_IN_ONE_CHUNK = {"llava": [("image", (56, 56)), ("image", (50, 60)), "two"],
                     "llava_next": [("image", (16, 16)), ("image", (16, 20)), "two"],
                     "llava_onevision": [("image", (16, 16)), ("video", (2, 16, 16)), "two"]}
 TWO_IN_ONE_CHUNK["gemma3"] = [("image", (56, 56)), ("image", (50, 56)), "two"]  # 2 + 2, with <boi> / <eoi>
-TWO_IN_ONE_CHUNK_RATIO = {"llava_next": 0.1, "llava_onevision": 0.1, "gemma3": 0.1}  # else 0.25
+TWO_IN_ONE_CHUNK["gemma4"] = [("image", (56, 56)), ("image", (50, 56)), "two"]  # 3 + 3, with <boi> / <eoi>
+TWO_IN_ONE_CHUNK_RATIO = {"llava_next": 0.1, "llava_onevision": 0.1, "gemma3": 0.1, "gemma4": 0.05}  # else 0.25
 MEDIA = {"llava": {"image": 2}, "llava_next": {"image": 2}, "llava_next_video": {"video": 1},
          "gemma3": {"image": 2}}  # else 2 + 1
-NO_IMAGE_EMBEDS = {"gemma3": "vLLM's Gemma 3 takes no image_embeds"}
+NO_IMAGE_EMBEDS = {"gemma3": "vLLM's Gemma 3 takes no image_embeds", "gemma4": "vLLM's Gemma 4 takes no image_embeds"}
 CACHE_PROMPT = [("image", (56, 56)), TEXT + " " + TEXT]
 # LLaVA-NeXT / OneVision: a 36-token image (0.51 keeps as many as 0.5); NeXT-Video: a 16-token video
 CACHE_PROMPTS = {"llava_next": [("image", (16, 16)), TEXT + " " + TEXT],
                  "llava_onevision": [("image", (16, 16)), TEXT + " " + TEXT],
                  "llava_next_video": [("video", (4, 16, 16)), TEXT + " " + TEXT]}
 UNBATCHED_BASELINE = {"llava_onevision"}
-CACHE_OTHER_RATIO = {"llava_next": 0.51, "llava_onevision": 0.51}  # else 0.52
+CACHE_OTHER_RATIO = {"llava_next": 0.51, "llava_onevision": 0.51, "gemma4": 0.505}  # else 0.52 (Gemma 4: 64 tokens)
 BLOCK = 32  # KV-cache block size of the test engines (vLLM's CPU default, 128, exceeds these prompts)
 BAD_RATIOS = [0, -0.5, 1.5, float("nan"), "0.5", True]
 SERVER_RATIO = 0.1  # the chunked engine's --hf-overrides default
@@ -247,9 +256,9 @@ def test_placeholder_counts(runs, ratio):
 
 
 def expected_runs(kind, path, runs_full, ratio) -> List[int]:
-    """keep_count per run; Qwen3-VL's video (one a prompt here) is one run per frame unpruned and
-    keeps keep_count(all its frames' tokens) in its first frame's run."""
-    if kind != "qwen3_vl":
+    """keep_count per run; Qwen3-VL's and Gemma 4's video (one a prompt here) is one run per frame
+    unpruned and keeps keep_count(all its frames' tokens) in its first frame's run."""
+    if kind not in ("qwen3_vl", "gemma4"):
         return [divprune_ext.keep_count(n, ratio) for _, n in runs_full]
     import transformers
     video = transformers.AutoConfig.from_pretrained(path).video_token_id

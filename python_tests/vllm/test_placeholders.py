@@ -7,6 +7,9 @@
   placeholder ids) raises ``NotImplementedError`` naming it.
 - Model side: each part (:meth:`segments`) is selected apart and equals ``divprune_ext.select``
   on it; Qwen3-VL selects on the merged tokens and keeps the deepstack columns of the same rows.
+- Gemma 4: a video keeps all its tokens in the first frame's run; its rows are laid out frame by
+  frame (each kept token in its own frame) with each row's token id for the per-layer inputs; a
+  model with bidirectional image attention refuses pruned videos.
 """
 from types import SimpleNamespace
 
@@ -17,9 +20,11 @@ import divprune_ext
 from divprune_ext.vllm import KEY
 from divprune_ext.vllm.core import OFFSET_INTS, _pruning_class, embed_runs
 from divprune_ext.vllm.gemma3 import DivPruneGemma3
+from divprune_ext.vllm.gemma4 import PLE_INTS, DivPruneGemma4, Gemma4VideoRatioCheck
 from divprune_ext.vllm.llava import DivPruneLlava
 from divprune_ext.vllm.qwen_vl import DivPruneQwen3VL
 from vllm.model_executor.models.gemma3_mm import Gemma3MultiModalProcessor
+from vllm.model_executor.models.gemma4_mm import Gemma4MultiModalProcessor
 from vllm.model_executor.models.llava import LlavaMultiModalProcessor
 from vllm.model_executor.models.qwen3_vl import Qwen3VLMultiModalProcessor
 from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
@@ -137,3 +142,70 @@ def test_qwen3_vl_selects_on_merged_tokens_and_keeps_their_deepstack_rows(ratio)
     offsets = kept[:, 24:].contiguous().view(torch.int32)
     assert offsets[:, :3].tolist() == [[0, int(p) // 6, int(p) % 6] for p in picks]
     assert model.embedding_width() == 24
+
+
+@pytest.mark.parametrize("ratio, k", [(0.5, 2), (0.75, 3), (0.25, 1)])
+def test_gemma4_video_puts_every_kept_token_in_the_first_frame(ratio, k):
+    """Frames "mm:ss <boi> tokens <eoi>", one selection over them; the model fills the whole replacement."""
+    proc = processor(Gemma4VideoRatioCheck, DivPruneGemma4)
+    frame = [WORD, NL, BOI, IMG, IMG, EOI]
+    out = replaced(proc, PromptUpdateDetails.select_token_id(frame * 2, IMG), ratio, modality="video")
+    assert out.full == [WORD, NL, BOI] + [IMG] * k + [EOI, WORD, NL, BOI, EOI] and out.is_embed is None
+    image = PromptUpdateDetails.select_token_id([BOI] + [IMG] * 8 + [EOI], IMG)  # an image: one run
+    assert replaced(proc, image, 0.25).full == [BOI, IMG, IMG, EOI]
+
+
+def gemma4_bare(bidirectional=None):
+    model = object.__new__(DivPruneGemma4)
+    text = SimpleNamespace(use_bidirectional_attention=bidirectional)
+    config = SimpleNamespace(video_token_id=IMG, boi_token_id=BOI, eoi_token_id=EOI, get_text_config=lambda: text)
+    object.__setattr__(model, "config", config)
+    # a timestamp "mm:ss" is one WORD, NL here (its text does not matter, its place does)
+    object.__setattr__(model, "_tokenizer", SimpleNamespace(encode=lambda text, **kw: [WORD, NL]))
+    embed = SimpleNamespace(embed_input_ids=lambda ids: ids.float()[:, None].expand(-1, 8) * -1.0)
+    object.__setattr__(model, "get_language_model", lambda: embed)
+    return model
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.2])
+def test_gemma4_video_rows_are_laid_out_frame_by_frame(ratio):
+    """Each kept token in its own frame's span, the timestamps and markers as the LLM's embeddings of
+    them, every row with its token id (0 at the kept tokens, as vLLM reads multimodal tokens)."""
+    model = gemma4_bare()
+    torch.manual_seed(2)
+    frames = [6, 4, 6]
+    item = torch.randn(sum(frames), 8)
+    kwargs = {"video_num_soft_tokens": [torch.tensor(frames)], "video_timestamps": [torch.tensor([0.0, 0.5, 1.0])]}
+    rows = model._prune([item], [ratio], "video", kwargs)[0]
+    picks = divprune_ext.select(item, divprune_ext.keep_count(16, ratio), sorted=True).tolist()
+    bounds = [0, 6, 10, 16]
+    ids = []
+    for f in range(3):
+        kept = [p for p in picks if bounds[f] <= p < bounds[f + 1]]
+        ids += [WORD, NL, BOI] + [IMG] * len(kept) + [EOI]
+    assert rows.shape == (len(ids), 8 + PLE_INTS * 4 // rows.element_size())
+    carried = rows[:, 8:].contiguous().view(torch.int32)[:, 0].tolist()
+    assert carried == [0 if t == IMG else t for t in ids]
+    is_token = torch.tensor(ids) == IMG
+    assert torch.equal(rows[is_token, :8], item[picks])
+    assert torch.equal(rows[~is_token, :8], -torch.tensor(ids)[~is_token].float()[:, None].expand(-1, 8))
+
+
+@pytest.mark.parametrize("bidirectional", [None, "vision"])
+def test_gemma4_videos_of_bidirectional_models_are_not_pruned(monkeypatch, bidirectional):
+    """vLLM's GPU attention would make a pruned video's whole span one bidirectional block."""
+    monkeypatch.setattr(Gemma4MultiModalProcessor, "apply", lambda self, inputs, timing_ctx: "processed")
+    proc = object.__new__(Gemma4VideoRatioCheck)
+    object.__setattr__(proc, "info", SimpleNamespace(get_hf_config=lambda: gemma4_bare(bidirectional).config))
+
+    def inputs(ratio, counts):
+        return SimpleNamespace(hf_processor_mm_kwargs={} if ratio is None else {KEY: ratio},
+                               mm_data_items=SimpleNamespace(get_all_counts=lambda: counts))
+
+    assert proc.apply(inputs(None, {"video": 1}), None) == "processed"
+    assert proc.apply(inputs(0.5, {"image": 2}), None) == "processed"
+    if bidirectional:
+        with pytest.raises(ValueError, match=f"{KEY}=0.5 with a video"):
+            proc.apply(inputs(0.5, {"image": 1, "video": 1}), None)
+    else:
+        assert proc.apply(inputs(0.5, {"image": 1, "video": 1}), None) == "processed"

@@ -41,6 +41,8 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2VLForConditionalGeneration": "divprune_ext.vllm.qwen_vl:DivPruneQwen2VL",
     "Qwen2_5_VLForConditionalGeneration": "divprune_ext.vllm.qwen_vl:DivPruneQwen2_5_VL",
     "Qwen3VLForConditionalGeneration": "divprune_ext.vllm.qwen_vl:DivPruneQwen3VL",
+    "InternVLForConditionalGeneration": "divprune_ext.vllm.internvl:DivPruneInternVL",
+    "Mistral3ForConditionalGeneration": "divprune_ext.vllm.mistral3:DivPruneMistral3",
 }
 
 

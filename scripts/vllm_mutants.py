@@ -3,8 +3,9 @@
 
 Each mutant changes one line of the plugin as installed in the vLLM test environment (the
 wheel that scripts/vllm_env.sh installs; the source tree is not touched) and runs the vLLM tests
-that must catch it; the installed file is restored afterwards. Run it after the environment is
-set up (minutes per mutant: each runs engines):
+that must catch it; the installed file is restored afterwards (the copy the interpreter imports:
+with an overlay of the package on PYTHONPATH, that one). Run it after the environment is set up
+(minutes per mutant: each runs engines):
 
     DIVPRUNE_VLLM_SETUP_ONLY=1 bash scripts/vllm_env.sh
     .venv-vllm/bin/python -P scripts/vllm_mutants.py [names...]
@@ -46,6 +47,11 @@ EAGER = ["python_tests/vllm/test_families.py", "-k", "qwen2_vl and not replay an
 GRAPH = ["python_tests/vllm/test_positions.py", "-k", "replayed_graph"]
 QWEN3 = ["python_tests/vllm/test_families.py", "python_tests/vllm/test_placeholders.py",
          "python_tests/vllm/test_positions.py", "-k", "qwen3 and (pruned or placeholder or positions)"]
+# the unit tests first (seconds), then the engines
+INTERNVL = ["python_tests/vllm/test_placeholders.py", "python_tests/vllm/test_families.py", "-k",
+            "internvl and (pruned or placeholder or keeps or selects)"]
+MISTRAL3 = ["python_tests/vllm/test_placeholders.py", "python_tests/vllm/test_families.py", "-k",
+            "mistral3 and (pruned or placeholder or puts or writes)"]
 
 MUTANTS = [
     Mutant("wrong-k-placeholders", "core.py", "out += ids[cursor:start] + [token] * k",
@@ -92,14 +98,32 @@ MUTANTS = [
            "rows[(~is_token).to(item.device), :self.visual_dim] = self.get_language_model()",
            "rows[(~is_token).to(item.device), :0] = self.get_language_model()",
            "Qwen3-VL video: its timestamps and markers left as zero rows", QWEN3),
+    Mutant("internvl-frames-together", "internvl.py", "return [rows // frames] * frames", "return [rows]",
+           "InternVL video: its frames selected together (the prompt keeps k per frame)", INTERNVL),
+    Mutant("internvl-frames-share-k", "internvl.py", "return [divprune_ext.keep_count(n, ratio) for n in lengths]",
+           "return [divprune_ext.keep_count(sum(lengths), ratio)] + [0] * (len(lengths) - 1)",
+           "InternVL video: one k for all frames, kept in the first frame's span", INTERNVL),
+    Mutant("mistral3-rows-apart", "mistral3.py", "return list(lengths) if k == sum(lengths) else [k] + [0] * (len(lengths) - 1)",
+           "return [divprune_ext.keep_count(n, ratio) for n in lengths]",
+           "Mistral 3: each row of an image selected apart", MISTRAL3),
+    Mutant("mistral3-grid-transposed", "mistral3.py", "return int(height) // side, int(width) // side",
+           "return int(width) // side, int(height) // side",
+           "Mistral 3: rows and columns swapped (kept tokens before the wrong breaks)", MISTRAL3),
+    Mutant("mistral3-breaks-last", "mistral3.py", "at_break = torch.searchsorted(row, each_row, right=True) + each_row",
+           "at_break = each_row + len(picks); at_token = torch.arange(len(picks), device=item.device)",
+           "Mistral 3: all kept tokens first, then the row breaks", MISTRAL3),
+    Mutant("mistral3-end-as-break", "mistral3.py", "ids[-1] = self._end_id", "ids[-1] = self._break_id",
+           "Mistral 3: the last row ends with [IMG_BREAK] instead of [IMG_END]", MISTRAL3),
 ]
 
 
 def installed_plugin() -> str:
-    spec = importlib.util.find_spec("divprune_ext")
-    if spec is None or not spec.origin.startswith(sys.prefix):
+    """The plugin folder this interpreter imports: the installed wheel's, or an overlay's on PYTHONPATH
+    (the mutant is written through a symlinked folder into its target, and restored)."""
+    spec = importlib.util.find_spec("divprune_ext.vllm")
+    if spec is None:
         sys.exit("run with the vLLM environment's python (divprune_ext installed there): see the docstring")
-    return os.path.join(os.path.dirname(spec.origin), "vllm")
+    return os.path.dirname(spec.origin)
 
 
 def pytest(tests):

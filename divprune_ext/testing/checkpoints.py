@@ -17,8 +17,12 @@ image with its newline rows); a video frame pools to 2x2 tokens. Qwen3-VL: 16x16
 layers. Gemma 3: SigLIP 56x56 images in 14x14 patches -> 16 tokens an image of any shape; with
 pan-and-scan (mm_processor_kwargs ``do_pan_and_scan=True, pan_and_scan_min_crop_size=28``: the
 default minimum, 256, leaves these small images uncropped) 16 more a crop, 2 or 3 crops of an image
-1.2 to 4 times as wide as tall or the other way. ``initializer_range`` 0.3: random weights at the
-default 0.02 barely look at the image, and different images must give different greedy tokens.
+1.2 to 4 times as wide as tall or the other way. InternVL: 56x56 tiles in 7x7 patches,
+pixel-shuffled to 16 tokens a tile, 1 to 4 tiles + a thumbnail an image; a video frame is one tile
+(vLLM and transformers write "Frame<i>: " before each). Mistral 3: Pixtral 8x8 patches merged 2x2,
+one token per 16x16 pixels, images of at most 96 px a side, rows ended by ``[IMG_BREAK]``.
+``initializer_range`` 0.3: random weights at the default 0.02 barely look at the image, and
+different images must give different greedy tokens.
 
 The pieces are public for checkpoints of other shapes (``bench.serving``'s): :func:`tokenizer`
 (a word-level tokenizer with a family's special tokens and chat template: ``*_SPECIAL``,

@@ -112,7 +112,7 @@ MUTANTS = [
     Mutant("mistral3-breaks-last", "mistral3.py", "at_break = torch.searchsorted(row, each_row, right=True) + each_row",
            "at_break = each_row + len(picks); at_token = torch.arange(len(picks), device=item.device)",
            "Mistral 3: all kept tokens first, then the row breaks", MISTRAL3),
-    Mutant("mistral3-end-as-break", "mistral3.py", "ids[-1] = self._end_id", "ids[-1] = self._break_id",
+    Mutant("mistral3-end-as-break", "mistral3.py", "ids[-1] = end", "ids[-1] = row_break",
            "Mistral 3: the last row ends with [IMG_BREAK] instead of [IMG_END]", MISTRAL3),
 ]
 

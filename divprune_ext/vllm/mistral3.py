@@ -42,10 +42,16 @@ from .core import PruningModel, with_pruning_processor
 class DivPruneMistral3(PruningModel, Mistral3ForConditionalGeneration):
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        # the row break and end tokens, looked up as vLLM's processor does
-        processor = cached_processor_from_config(vllm_config.model_config, processor_cls=PixtralProcessor)
-        vocab = processor.tokenizer.get_vocab()
-        self._break_id, self._end_id = vocab[processor.image_break_token], vocab[processor.image_end_token]
+        self._model_config = vllm_config.model_config
+
+    def row_end_ids(self) -> tuple:
+        """The ids of ``[IMG_BREAK]`` and ``[IMG_END]``, looked up as vLLM's processor does (at the
+        first pruned image: serving unpruned never needs the processor here)."""
+        if not hasattr(self, "_row_end_ids"):
+            processor = cached_processor_from_config(self._model_config, processor_cls=PixtralProcessor)
+            vocab = processor.tokenizer.get_vocab()
+            self._row_end_ids = vocab[processor.image_break_token], vocab[processor.image_end_token]
+        return self._row_end_ids
 
     @classmethod
     def kept_per_run(cls, modality: str, lengths: List[int], ratio: float, family: str) -> List[int]:
@@ -74,8 +80,9 @@ class DivPruneMistral3(PruningModel, Mistral3ForConditionalGeneration):
         # kept tokens of rows 0..r (searchsorted: no host sync, unlike bincount on a GPU)
         at_token = torch.arange(len(picks), device=item.device) + row
         at_break = torch.searchsorted(row, each_row, right=True) + each_row
-        ids = torch.full((rows,), self._break_id, dtype=torch.long, device=item.device)
-        ids[-1] = self._end_id
+        row_break, end = self.row_end_ids()
+        ids = torch.full((rows,), row_break, dtype=torch.long, device=item.device)
+        ids[-1] = end
         out = item.new_empty(len(picks) + rows, item.shape[1])
         out[at_token] = item.index_select(0, picks)
         out[at_break] = self.get_language_model().embed_input_ids(ids).to(item.dtype)

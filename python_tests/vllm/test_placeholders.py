@@ -193,8 +193,7 @@ def mistral3_bare():
     model = object.__new__(DivPruneMistral3)
     object.__setattr__(model, "config", SimpleNamespace(vision_config=SimpleNamespace(patch_size=8),
                                                         spatial_merge_size=2))
-    object.__setattr__(model, "_break_id", BRK)
-    object.__setattr__(model, "_end_id", END)
+    object.__setattr__(model, "_row_end_ids", (BRK, END))
     object.__setattr__(model, "get_language_model", lambda: _Embedding())
     return model
 

@@ -3,8 +3,8 @@
 
 Each mutant changes one line of the plugin the tests import (the wheel that scripts/vllm_env.sh
 installs in the vLLM test environment, or the copy first on PYTHONPATH: then that copy is
-edited) and runs the vLLM tests that must catch it; the file is restored afterwards. Run it after the environment is
-set up (minutes per mutant: each runs engines):
+edited) and runs the vLLM tests that must catch it; the file is restored afterwards. Run it after
+the environment is set up (minutes per mutant: each runs engines):
 
     DIVPRUNE_VLLM_SETUP_ONLY=1 bash scripts/vllm_env.sh
     .venv-vllm/bin/python -P scripts/vllm_mutants.py [names...]
@@ -48,6 +48,11 @@ GEMMA4 = ["python_tests/vllm/test_placeholders.py", "python_tests/vllm/test_fami
           "gemma4 and (pruned or placeholder or two_items or video)"]
 QWEN3 = ["python_tests/vllm/test_families.py", "python_tests/vllm/test_placeholders.py",
          "python_tests/vllm/test_positions.py", "-k", "qwen3 and (pruned or placeholder or positions)"]
+# the unit tests first (seconds), then the engines
+INTERNVL = ["python_tests/vllm/test_placeholders.py", "python_tests/vllm/test_families.py", "-k",
+            "internvl and (pruned or placeholder or keeps or selects)"]
+MISTRAL3 = ["python_tests/vllm/test_placeholders.py", "python_tests/vllm/test_families.py", "-k",
+            "mistral3 and (pruned or placeholder or puts or writes)"]
 
 MEMORY = ["python_tests/vllm/test_memory.py"]
 
@@ -127,6 +132,22 @@ MUTANTS = [
     Mutant("gemma4-bidirectional-video-pruned", "gemma4.py", "if (ratio is not None and inputs.mm_data_items",
            "if (False and inputs.mm_data_items", "Gemma 4: videos pruned where vLLM's GPU attention would "
            "make the whole pruned span bidirectional", GEMMA4),
+    Mutant("internvl-frames-together", "internvl.py", "return [rows // frames] * frames", "return [rows]",
+           "InternVL video: its frames selected together (the prompt keeps k per frame)", INTERNVL),
+    Mutant("internvl-frames-share-k", "internvl.py", "return [divprune_ext.keep_count(n, ratio) for n in lengths]",
+           "return [divprune_ext.keep_count(sum(lengths), ratio)] + [0] * (len(lengths) - 1)",
+           "InternVL video: one k for all frames, kept in the first frame's span", INTERNVL),
+    Mutant("mistral3-rows-apart", "mistral3.py", "return list(lengths) if k == sum(lengths) else [k] + [0] * (len(lengths) - 1)",
+           "return [divprune_ext.keep_count(n, ratio) for n in lengths]",
+           "Mistral 3: each row of an image selected apart", MISTRAL3),
+    Mutant("mistral3-grid-transposed", "mistral3.py", "return int(height) // side, int(width) // side",
+           "return int(width) // side, int(height) // side",
+           "Mistral 3: rows and columns swapped (kept tokens before the wrong breaks)", MISTRAL3),
+    Mutant("mistral3-breaks-last", "mistral3.py", "at_break = torch.searchsorted(row, each_row, right=True) + each_row",
+           "at_break = each_row + len(picks); at_token = torch.arange(len(picks), device=item.device)",
+           "Mistral 3: all kept tokens first, then the row breaks", MISTRAL3),
+    Mutant("mistral3-end-as-break", "mistral3.py", "ids[-1] = end", "ids[-1] = row_break",
+           "Mistral 3: the last row ends with [IMG_BREAK] instead of [IMG_END]", MISTRAL3),
 ]
 
 

@@ -20,8 +20,12 @@ default minimum, 256, leaves these small images uncropped) 16 more a crop, 2 or 
 1.2 to 4 times as wide as tall or the other way. Gemma 4: 4x4 patches pooled 2x2, at most 70 soft
 tokens an image (resized to fit 280 patches: 60 for 60x90, 64 for 56x56) or video frame (each after
 its "mm:ss" timestamp), per-layer inputs on, causal image attention, its placeholder ids suppressed
-in generation. ``initializer_range`` 0.3: random weights at the
-default 0.02 barely look at the image, and different images must give different greedy tokens.
+in generation. InternVL: 56x56 tiles in 7x7 patches,
+pixel-shuffled to 16 tokens a tile, 1 to 4 tiles + a thumbnail an image; a video frame is one tile
+(vLLM and transformers write "Frame<i>: " before each). Mistral 3: Pixtral 8x8 patches merged 2x2,
+one token per 16x16 pixels, images of at most 96 px a side, rows ended by ``[IMG_BREAK]``.
+``initializer_range`` 0.3: random weights at the default 0.02 barely look at the image, and
+different images must give different greedy tokens.
 
 The pieces are public for checkpoints of other shapes (``bench.serving``'s): :func:`tokenizer`
 (a word-level tokenizer with a family's special tokens and chat template: ``*_SPECIAL``,
@@ -45,7 +49,7 @@ __all__ = ["KINDS", "SEED", "INIT", "build", "tokenizer", "rename_weights", "REN
 SEED = 0
 INIT = 0.3
 KINDS = ["llava", "qwen2_vl", "qwen2_5_vl", "llava_next", "llava_next_video", "llava_onevision", "gemma3",
-         "qwen3_vl", "gemma4"]
+         "qwen3_vl", "gemma4", "internvl", "mistral3"]
 LLAVA_SIDE, LLAVA_PATCH = 56, 14
 # LLaVA-NeXT / NeXT-Video / OneVision: 16x16 tiles in 4x4 patches (16 tokens a tile; a video frame
 # pools to 2x2); anyres over 1x2, 2x1 and 2x2 tiles. vLLM's NeXT-Video pooler divides by
@@ -62,12 +66,17 @@ GEMMA_SIDE, GEMMA_PATCH, GEMMA_TOKENS = 56, 14, 16
 # Gemma 4: 4x4 patches pooled 2x2, at most 70 soft tokens an image or video frame (the smallest setting;
 # vLLM fixes a video frame's at 70): an image is resized to fit 280 patches, keeping its aspect ratio.
 GEMMA4_PATCH, GEMMA4_POOL, GEMMA4_TOKENS = 4, 2, 70
+# InternVL: 56x56 tiles in 7x7 patches pixel-shuffled 2x2: 16 tokens a tile; up to 4 tiles + a thumbnail.
+INTERNVL_SIDE, INTERNVL_PATCH, INTERNVL_TOKENS, INTERNVL_TILES = 56, 7, 16, 4
+# Mistral 3: Pixtral 8x8 patches merged 2x2 (16 px a token), images scaled to at most 96 px a side.
+MISTRAL_PATCH, MISTRAL_LONGEST = 8, 96
 SENTENCES = [
     "what is in the image ?", "describe the picture in a few words .", "the cat sat on the mat .",
     "a red ball and a blue box are on the table .", "compare the two images and the video .",
     "user assistant system : hello world , how are you today ?", "one two three four five six seven eight nine ten",
 ]
 TIMESTAMPS = "<0.1 seconds> <2.3 seconds> <4.5 seconds> <6.7 seconds> <8.9 seconds>"  # Qwen3-VL's, before each frame
+FRAMES = "Frame1: Frame2: Frame3: Frame4: Frame5: Frame6: Frame7: Frame8:"  # InternVL's, before each video frame
 PAN_AND_SCAN = "Here is the original image and here are some crops to help you see better"  # Gemma 3's, with crops
 LLAVA_SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 NEXT_SPECIAL = LLAVA_SPECIAL + ["<video>"]
@@ -81,6 +90,8 @@ GEMMA_SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of
 # Gemma 4: its image / video / audio tokens; a frame's "mm:ss" timestamp is 5 tokens (digits and ":" apart).
 GEMMA4_SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<|image>", "<image|>",
                   "<|image|>", "<|video|>", "<|audio>", "<audio|>", "<|audio|>"]
+INTERNVL_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>", "\n"]
+MISTRAL_SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
 QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                 "<|image_pad|>", "<|video_pad|>"]
 LLAVA_TEMPLATE = (
@@ -108,6 +119,15 @@ QWEN_TEMPLATE = (
     "{% elif part['type'] == 'video' or part['type'] == 'video_url' %}<|vision_start|><|video_pad|><|vision_end|>"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# InternVL: an image is "<IMG_CONTEXT>\n", a video "<video>\n" (its processor writes their tiles / frames)
+INTERNVL_TEMPLATE = QWEN_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<IMG_CONTEXT>\n").replace(
+    "<|vision_start|><|video_pad|><|vision_end|>", "<video>\n")
+MISTRAL_TEMPLATE = (
+    "<s>{% for message in messages %}{% if message['role'] == 'user' %}[INST]{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' or part['type'] == 'image_url' %}[IMG]"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% if message['role'] == 'user' %}[/INST]{% endif %}{% endfor %}")
 
 
 def tokenizer(special: List[str], template: str, sentences: List[str] = (), marks: bool = False,
@@ -322,6 +342,47 @@ def _gemma4() -> Tuple[torch.nn.Module, object]:
     processor = transformers.Gemma4Processor(feature_extractor=transformers.Gemma4AudioFeatureExtractor(),
                                              image_processor=image, tokenizer=tok, video_processor=video,
                                              chat_template=GEMMA4_TEMPLATE, image_seq_length=GEMMA4_TOKENS)
+def _internvl() -> Tuple[torch.nn.Module, object]:
+    import transformers
+    names = dict(start_image_token="<img>", end_image_token="</img>", context_image_token="<IMG_CONTEXT>",
+                 video_token="<video>")
+    tok = tokenizer(INTERNVL_SPECIAL, INTERNVL_TEMPLATE, sentences=[FRAMES], marks=True, pad_token="<|endoftext|>",
+                    eos_token="<|im_end|>", **names)
+    text = transformers.Qwen2Config(**_text(len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.pad_token_id,
+                                            eos_token_id=tok.eos_token_id))
+    vision = transformers.InternVLVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                               num_attention_heads=2, image_size=INTERNVL_SIDE,
+                                               patch_size=INTERNVL_PATCH, initializer_range=INIT)
+    config = transformers.InternVLConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                                         image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
+                                         image_seq_length=INTERNVL_TOKENS, downsample_ratio=0.5,
+                                         initializer_range=INIT)
+    model = transformers.InternVLForConditionalGeneration(config)
+    side = {"height": INTERNVL_SIDE, "width": INTERNVL_SIDE}
+    image = transformers.GotOcr2ImageProcessor(size=side, crop_to_patches=True, min_patches=1,
+                                               max_patches=INTERNVL_TILES)
+    video = transformers.InternVLVideoProcessor(size=side)
+    processor = transformers.InternVLProcessor(image_processor=image, tokenizer=tok, video_processor=video,
+                                               image_seq_length=INTERNVL_TOKENS, chat_template=INTERNVL_TEMPLATE)
+    return model, processor
+
+
+def _mistral3() -> Tuple[torch.nn.Module, object]:
+    import transformers
+    tok = tokenizer(MISTRAL_SPECIAL, MISTRAL_TEMPLATE, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                    unk_token="<unk>")
+    text = transformers.MistralConfig(**_text(len(tok), head_dim=32, pad_token_id=tok.pad_token_id,
+                                              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    vision = transformers.PixtralVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                              num_attention_heads=2, head_dim=32, image_size=MISTRAL_LONGEST,
+                                              patch_size=MISTRAL_PATCH, initializer_range=INIT)
+    config = transformers.Mistral3Config(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                                         image_token_id=tok.convert_tokens_to_ids("[IMG]"), spatial_merge_size=2,
+                                         vision_feature_layer=-1, initializer_range=INIT)
+    model = transformers.Mistral3ForConditionalGeneration(config)
+    image = transformers.PixtralImageProcessor(size={"longest_edge": MISTRAL_LONGEST}, patch_size=MISTRAL_PATCH)
+    processor = transformers.PixtralProcessor(image_processor=image, tokenizer=tok, patch_size=MISTRAL_PATCH,
+                                              spatial_merge_size=2, chat_template=MISTRAL_TEMPLATE)
     return model, processor
 
 
@@ -335,6 +396,8 @@ BUILDERS: Dict[str, Callable[[], Tuple[torch.nn.Module, object]]] = {
     "gemma3": _gemma3,
     "qwen3_vl": lambda: _qwen("qwen3_vl"),
     "gemma4": _gemma4,
+    "internvl": _internvl,
+    "mistral3": _mistral3,
 }
 
 

@@ -18,7 +18,8 @@ computes all ``n`` tokens; ``torch.ops.divprune.select_varlen`` picks ``k`` on t
 they enter the LLM (the same picks as ``divprune_ext.hf``), kept in their original order.
 Qwen2-VL / Qwen2.5-VL / Qwen3-VL: kept tokens keep their multimodal RoPE positions (t, h, w) and
 text after an item keeps the positions it has in the unpruned prompt. Gemma 3: each pan-and-scan
-crop is selected apart.
+crop is selected apart. InternVL: each video frame is selected apart (an image: all its tiles
+together). Mistral 3: an image's rows are selected together, its row breaks stay.
 
 Importing this module costs nothing; :func:`register` imports vLLM and checks its version
 (``SUPPORTED_VLLM``). Under any other version it registers nothing and logs a warning naming the
@@ -42,6 +43,8 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2_5_VLForConditionalGeneration": "divprune_ext.vllm.qwen_vl:DivPruneQwen2_5_VL",
     "Qwen3VLForConditionalGeneration": "divprune_ext.vllm.qwen_vl:DivPruneQwen3VL",
     "Gemma4ForConditionalGeneration": "divprune_ext.vllm.gemma4:DivPruneGemma4",
+    "InternVLForConditionalGeneration": "divprune_ext.vllm.internvl:DivPruneInternVL",
+    "Mistral3ForConditionalGeneration": "divprune_ext.vllm.mistral3:DivPruneMistral3",
 }
 
 

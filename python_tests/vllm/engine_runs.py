@@ -69,6 +69,8 @@ def image_embeds(path, spec):
         features = model.model.get_image_features(pixel_values=inputs["pixel_values"], vision_feature_layer=-1,
                                                   vision_feature_select_strategy="default", **extra)
     features = getattr(features, "pooler_output", features)  # one (n, H) per image, a tensor or a list
+    if "num_patches" in inputs:  # InternVL: (tiles, tokens, H), the image's tiles one after the other
+        return features.flatten(0, 1).unsqueeze(0).float()
     return features[0].unsqueeze(0).float()  # (1, n, H): one image
 
 
@@ -194,6 +196,9 @@ def run(spec):
                 image = processor.dummy_inputs.get_dummy_mm_data(llm.llm_engine.model_config.max_model_len,
                                                                  {modality: 1})[modality][0]
                 most = info._compute_num_soft_tokens(*image.size)
+            elif hasattr(info, "get_vision_encoder_info"):  # Mistral 3: its largest image's [IMG] tokens
+                size = info.get_image_size_with_most_features()
+                most = info.get_num_image_tokens(image_width=size.width, image_height=size.height)
             else:  # LLaVA-NeXT-Video: its largest frames, as many as the dummy video has
                 size = info.get_image_size_with_most_features()
                 frames = info.get_num_frames_with_most_features(llm.llm_engine.model_config.max_model_len, {modality: 1})

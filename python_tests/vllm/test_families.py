@@ -70,6 +70,18 @@ PROMPTS = {
         ["describe", ("video", (4, 56, 84)), "the video"],                     # 4 frames of 6 x 10
         [("image", (84, 56)), ("video", (2, 56, 56)), "one two"],
     ],
+    # 56-px tiles of 16 tokens, up to 4 + a thumbnail (an image is one run); a video frame is one tile
+    "internvl": [
+        ["what is in the image ?", ("image", (60, 90))],                       # 2 tiles + thumbnail: 48
+        [("image", (120, 50)), "compare the two images", ("image", (56, 56))],  # 3 tiles (64), 1 tile (16)
+        ["describe", ("video", (4, 56, 84)), "the video"],                     # 4 frames of 16
+        [("image", (84, 56)), ("video", (2, 56, 56)), "one two"],
+    ],
+    # 16 px a token, rows ended by [IMG_BREAK], the last by [IMG_END]
+    "mistral3": [
+        ["what is in the image ?", ("image", (60, 90))],                       # 4 rows of 6
+        [("image", (120, 50)), "compare the two images", ("image", (56, 56))],  # 6 rows of 3, 4 of 4
+    ],
 }
 # Two pruned items inside one 16-token prefill chunk (placeholders at 0.25: 4 + 4 for LLaVA, 4 + 4 for Qwen).
 TWO_IN_ONE_CHUNK = {"llava": [("image", (56, 56)), ("image", (50, 60)), "two"],
@@ -79,10 +91,13 @@ TWO_IN_ONE_CHUNK = {"llava": [("image", (56, 56)), ("image", (50, 60)), "two"],
                     "llava_onevision": [("image", (16, 16)), ("video", (2, 16, 16)), "two"]}
 TWO_IN_ONE_CHUNK["gemma3"] = [("image", (56, 56)), ("image", (50, 56)), "two"]  # 2 + 2, with <boi> / <eoi>
 TWO_IN_ONE_CHUNK["gemma4"] = [("image", (56, 56)), ("image", (50, 56)), "two"]  # 3 + 3, with <boi> / <eoi>
+TWO_IN_ONE_CHUNK["internvl"] = [("image", (56, 56)), ("image", (50, 56)), "two"]  # 4 + 4, with <img> / </img>
+TWO_IN_ONE_CHUNK["mistral3"] = [("image", (32, 48)), ("image", (48, 32)), "two"]  # 2 + 2, with 2 / 3 row ends
 TWO_IN_ONE_CHUNK_RATIO = {"llava_next": 0.1, "llava_onevision": 0.1, "gemma3": 0.1, "gemma4": 0.05}  # else 0.25
 MEDIA = {"llava": {"image": 2}, "llava_next": {"image": 2}, "llava_next_video": {"video": 1},
-         "gemma3": {"image": 2}}  # else 2 + 1
-NO_IMAGE_EMBEDS = {"gemma3": "vLLM's Gemma 3 takes no image_embeds", "gemma4": "vLLM's Gemma 4 takes no image_embeds"}
+         "gemma3": {"image": 2}, "mistral3": {"image": 2}}  # else 2 + 1
+NO_IMAGE_EMBEDS = {"gemma3": "vLLM's Gemma 3 takes no image_embeds", "gemma4": "vLLM's Gemma 4 takes no image_embeds",
+                   "mistral3": "vLLM's Mistral 3 processor sizes an image's rows from its pixels (no image_embeds)"}
 CACHE_PROMPT = [("image", (56, 56)), TEXT + " " + TEXT]
 # LLaVA-NeXT / OneVision: a 36-token image (0.51 keeps as many as 0.5); NeXT-Video: a 16-token video
 CACHE_PROMPTS = {"llava_next": [("image", (16, 16)), TEXT + " " + TEXT],
@@ -240,8 +255,11 @@ def test_pruned_equals_transformers_with_divprune(runs, ratio):
 def placeholder_ids(path) -> List[int]:
     import transformers
     config = transformers.AutoConfig.from_pretrained(path)
-    return [v for k, v in vars(config).items() if k in ("image_token_id", "video_token_id", "image_token_index",
-                                                      "video_token_index")]
+    ids = [v for k, v in vars(config).items() if k in ("image_token_id", "video_token_id", "image_token_index",
+                                                       "video_token_index")]
+    if harness.architecture(path) == "InternVLForConditionalGeneration":  # vLLM's video frames: <video>, not in the config
+        ids.append(transformers.AutoTokenizer.from_pretrained(path).convert_tokens_to_ids("<video>"))
+    return ids
 
 
 @pytest.mark.parametrize("ratio", RATIOS)
@@ -252,7 +270,23 @@ def test_placeholder_counts(runs, ratio):
         full_ids, pruned_ids = full["prompt"], pruned["prompt"]
         assert [t for t in full_ids if t not in ids] == [t for t in pruned_ids if t not in ids]
         runs_full, runs_pruned = placeholder_runs(full_ids, ids), placeholder_runs(pruned_ids, ids)
+        if runs.kind == "mistral3":  # one run per row unpruned; an image's kept tokens all in its first row's run
+            runs_full = [(None, n) for n in image_sizes(runs.path, full_ids)]
         assert [k for _, k in runs_pruned] == expected_runs(runs.kind, runs.path, runs_full, ratio)
+
+
+def image_sizes(path, ids) -> List[int]:
+    """Mistral 3: the [IMG] tokens of each image (up to its [IMG_END])."""
+    import transformers
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    image, end = tokenizer.convert_tokens_to_ids("[IMG]"), tokenizer.convert_tokens_to_ids("[IMG_END]")
+    sizes, n = [], 0
+    for t in ids:
+        n += t == image
+        if t == end:
+            sizes.append(n)
+            n = 0
+    return sizes
 
 
 def expected_runs(kind, path, runs_full, ratio) -> List[int]:

@@ -2,11 +2,12 @@
 
 - Processor side: an item's replacement keeps, per run of placeholders, the first
   ``kept_per_run`` of them and every other token (Gemma 3's ``<start_of_image>`` /
-  ``<end_of_image>`` and pan-and-scan text; Qwen3-VL videos: every kept token in the first
-  frame's run); what a family does not prune (several runs where it expects one, mixed
+  ``<end_of_image>`` and pan-and-scan text; InternVL videos: each frame's run and its text;
+  Qwen3-VL videos and Mistral 3 images: every kept token in the first frame's / row's run); what a family does not prune (several runs where it expects one, mixed
   placeholder ids) raises ``NotImplementedError`` naming it.
 - Model side: each part (:meth:`segments`) is selected apart and equals ``divprune_ext.select``
-  on it; Qwen3-VL selects on the merged tokens and keeps the deepstack columns of the same rows.
+  on it; Qwen3-VL selects on the merged tokens and keeps the deepstack columns of the same rows;
+  Mistral 3 writes each row's kept tokens before that row's break.
 - Gemma 4: a video keeps all its tokens in the first frame's run; its rows are laid out frame by
   frame (each kept token in its own frame) with each row's token id for the per-layer inputs; a
   model with bidirectional image attention refuses pruned videos.
@@ -21,11 +22,15 @@ from divprune_ext.vllm import KEY
 from divprune_ext.vllm.core import OFFSET_INTS, _pruning_class, embed_runs
 from divprune_ext.vllm.gemma3 import DivPruneGemma3
 from divprune_ext.vllm.gemma4 import PLE_INTS, DivPruneGemma4, Gemma4VideoRatioCheck
+from divprune_ext.vllm.internvl import DivPruneInternVL
 from divprune_ext.vllm.llava import DivPruneLlava
+from divprune_ext.vllm.mistral3 import DivPruneMistral3
 from divprune_ext.vllm.qwen_vl import DivPruneQwen3VL
 from vllm.model_executor.models.gemma3_mm import Gemma3MultiModalProcessor
 from vllm.model_executor.models.gemma4_mm import Gemma4MultiModalProcessor
+from vllm.model_executor.models.interns1 import InternS1MultiModalProcessor
 from vllm.model_executor.models.llava import LlavaMultiModalProcessor
+from vllm.model_executor.models.mistral3 import Mistral3MultiModalProcessor
 from vllm.model_executor.models.qwen3_vl import Qwen3VLMultiModalProcessor
 from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
 
@@ -209,3 +214,71 @@ def test_gemma4_videos_of_bidirectional_models_are_not_pruned(monkeypatch, bidir
             proc.apply(inputs(0.5, {"image": 1, "video": 1}), None)
     else:
         assert proc.apply(inputs(0.5, {"image": 1, "video": 1}), None) == "processed"
+def test_internvl_video_keeps_each_frames_first_k_and_its_text():
+    """vLLM's InternVL video: "Frame<i>: <img>" + frame tokens + "</img>" per frame, each frame selected
+    apart (transformers writes them as images, one item each); an image (all its tiles) is one run."""
+    proc = processor(InternS1MultiModalProcessor, DivPruneInternVL)
+    frame = [WORD, WORD, BOI] + [IMG] * 16 + [EOI, NL]
+    out = replaced(proc, PromptUpdateDetails.select_token_id(frame * 3, IMG), 0.25, modality="video")
+    assert out.full == ([WORD, WORD, BOI] + [IMG] * 4 + [EOI, NL]) * 3
+    assert out.is_embed(out.full).tolist() == [t == IMG for t in out.full]
+    image = replaced(proc, PromptUpdateDetails.select_token_id([BOI] + [IMG] * 48 + [EOI], IMG), 0.25)
+    assert image.full == [BOI] + [IMG] * 12 + [EOI]
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.1])
+def test_internvl_selects_each_frame_apart_and_each_image_whole(ratio):
+    model = object.__new__(DivPruneInternVL)
+    torch.manual_seed(2)
+    video, image = torch.randn(3 * 16, 8), torch.randn(5 * 16, 8)
+    kept = model._prune([video], [ratio], "video", {"video_num_patches": torch.tensor([3])})[0]
+    assert torch.equal(kept, reference_rows(video, [16] * 3, ratio))
+    kept = model._prune([image], [ratio], "image", {"image_num_patches": torch.tensor([5])})[0]
+    assert torch.equal(kept, reference_rows(image, [5 * 16], ratio))
+
+
+BRK, END = 6, 7
+
+
+@pytest.mark.parametrize("ratio, k", [(0.5, 6), (0.25, 3), (0.1, 1)])
+def test_mistral3_puts_every_kept_token_in_the_first_row(ratio, k):
+    """One selection over an image's rows; [IMG_BREAK] / [IMG_END] stay; the model fills the whole
+    replacement (from_seq), each row's kept tokens before its break."""
+    proc = processor(Mistral3MultiModalProcessor, DivPruneMistral3)
+    rows = ([IMG] * 4 + [BRK]) * 3
+    rows[-1] = END
+    out = replaced(proc, PromptUpdateDetails.select_token_id(rows, IMG), ratio)
+    assert out.full == [IMG] * k + [BRK, BRK, END] and out.is_embed is None
+    one_row = PromptUpdateDetails.select_token_id([IMG] * 4 + [END], IMG)
+    assert replaced(proc, one_row, 0.5).full == [IMG] * 2 + [END]
+    assert replaced(proc, one_row, 0.9) is one_row  # k == n: vLLM's own replacement
+
+
+class _Embedding:
+    def embed_input_ids(self, ids):
+        return ids.float().unsqueeze(1).expand(-1, 8) * 1000  # a recognisable row per token id
+
+
+def mistral3_bare():
+    model = object.__new__(DivPruneMistral3)
+    object.__setattr__(model, "config", SimpleNamespace(vision_config=SimpleNamespace(patch_size=8),
+                                                        spatial_merge_size=2))
+    object.__setattr__(model, "_row_end_ids", (BRK, END))
+    object.__setattr__(model, "get_language_model", lambda: _Embedding())
+    return model
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.25, 0.1])
+def test_mistral3_writes_each_rows_kept_tokens_before_its_break(ratio):
+    model = mistral3_bare()
+    torch.manual_seed(3)
+    rows, columns = 3, 5  # pixels 48 x 80: 16 px a merged token
+    item = torch.randn(rows * columns, 8)
+    kwargs = {"pixel_values": [torch.zeros(3, 48, 80)]}
+    kept = model._prune([item], [ratio], "image", kwargs)[0]
+    picks = divprune_ext.select(item, divprune_ext.keep_count(rows * columns, ratio), sorted=True).tolist()
+    expected = []
+    for r in range(rows):
+        expected += [item[p] for p in picks if p // columns == r]
+        expected.append(torch.full((8,), 1000.0 * (BRK if r < rows - 1 else END)))
+    assert torch.equal(kept, torch.stack(expected))

@@ -28,7 +28,7 @@ from divprune_ext.vllm import KEY
 from divprune_ext.vllm.core import PROFILE, PROFILE_RATIO, PruningModel, ratios_from_bits
 from test_families import BAD_RATIOS, PROMPTS, family_of
 
-KINDS = ["llava", "qwen2_vl", "gemma3", "qwen3_vl", "llava_onevision", "gemma4"]
+KINDS = ["llava", "qwen2_vl", "gemma3", "qwen3_vl", "llava_onevision", "gemma4", "internvl", "mistral3"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -91,7 +91,7 @@ def runs_start(placeholder) -> int:
 
 
 def expected_embeds(kind, modality, runs, ratio) -> int:
-    if kind in ("qwen3_vl", "gemma4") and modality == "video":  # one selection over all frames
+    if kind in ("qwen3_vl", "gemma4") and modality == "video" or kind == "mistral3":  # one selection over all frames / rows
         return divprune_ext.keep_count(sum(runs), ratio)
     return sum(divprune_ext.keep_count(n, ratio) for n in runs)  # a run each (Gemma 3: a crop each)
 
@@ -111,7 +111,11 @@ def test_placeholders_per_item_and_run(processor, ratio):
             spans = [pruned["prompt_token_ids"][p.offset:p.offset + p.length] for p in pruned["mm_placeholders"][modality]]
             got = [span.count(t) for span, t in zip(spans, token)]
             assert got == [expected_embeds(kind, modality, runs_of(p), ratio) for p in items], (prompt, modality)
-        if kind not in ("qwen3_vl", "gemma4"):  # (their pruned videos are filled whole: every token takes a row)
+        if kind == "mistral3":  # (filled whole) the row breaks and the end token stay
+            image = set(token)
+            assert [t for t in pruned["prompt_token_ids"] if t not in image] == \
+                [t for t in full["prompt_token_ids"] if t not in image], prompt
+        elif kind not in ("qwen3_vl", "gemma4"):  # (their pruned videos are filled whole: every token takes a row)
             assert text_of(pruned) == text_of(full), prompt
 
 

@@ -342,6 +342,9 @@ def _gemma4() -> Tuple[torch.nn.Module, object]:
     processor = transformers.Gemma4Processor(feature_extractor=transformers.Gemma4AudioFeatureExtractor(),
                                              image_processor=image, tokenizer=tok, video_processor=video,
                                              chat_template=GEMMA4_TEMPLATE, image_seq_length=GEMMA4_TOKENS)
+    return model, processor
+
+
 def _internvl() -> Tuple[torch.nn.Module, object]:
     import transformers
     names = dict(start_image_token="<img>", end_image_token="</img>", context_image_token="<IMG_CONTEXT>",

@@ -42,7 +42,7 @@ __all__ = ["KINDS", "SEED", "INIT", "build", "tokenizer", "rename_weights", "REN
 SEED = 0
 INIT = 0.3
 KINDS = ["llava", "qwen2_vl", "qwen2_5_vl", "llava_next", "llava_next_video", "llava_onevision", "gemma3",
-         "qwen3_vl"]
+         "qwen3_vl", "qwen3_vl_moe", "glm4v"]
 LLAVA_SIDE, LLAVA_PATCH = 56, 14
 # LLaVA-NeXT / NeXT-Video / OneVision: 16x16 tiles in 4x4 patches (16 tokens a tile; a video frame
 # pools to 2x2); anyres over 1x2, 2x1 and 2x2 tiles. vLLM's NeXT-Video pooler divides by
@@ -88,6 +88,8 @@ GEMMA_TEMPLATE = (
     "{% for part in message['content'] %}{% if part['type'] == 'image' or part['type'] == 'image_url' %}<start_of_image>"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<end_of_turn>\n"
     "{% endfor %}{% if add_generation_prompt %}<start_of_turn>assistant\n{% endif %}")
+GLM_SPECIAL = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|begin_of_image|>", "<|end_of_image|>", "<|image|>",
+               "<|begin_of_video|>", "<|end_of_video|>", "<|video|>"]
 QWEN_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
@@ -96,6 +98,14 @@ QWEN_TEMPLATE = (
     "{% elif part['type'] == 'video' or part['type'] == 'video_url' %}<|vision_start|><|video_pad|><|vision_end|>"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+GLM_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' or part['type'] == 'image_url' %}<|begin_of_image|><|image|><|end_of_image|>"
+    "{% elif part['type'] == 'video' or part['type'] == 'video_url' %}<|begin_of_video|><|video|><|end_of_video|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
 
 def tokenizer(special: List[str], template: str, sentences: List[str] = (), marks: bool = False,
@@ -190,7 +200,7 @@ def _llava_next(kind: str) -> Tuple[torch.nn.Module, object]:
 
 def _qwen(kind: str) -> Tuple[torch.nn.Module, object]:
     import transformers
-    qwen3 = dict(sentences=[TIMESTAMPS], marks=True) if kind == "qwen3_vl" else {}
+    qwen3 = dict(sentences=[TIMESTAMPS], marks=True) if kind.startswith("qwen3") else {}
     tok = tokenizer(QWEN_SPECIAL, QWEN_TEMPLATE, pad_token="<|endoftext|>", eos_token="<|im_end|>", **qwen3)
     vocab = len(tok)
     ids = dict(image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
@@ -216,10 +226,15 @@ def _qwen(kind: str) -> Tuple[torch.nn.Module, object]:
         text["rope_parameters"]["mrope_interleaved"] = True
         vision.update(patch_size=QWEN3_PATCH, hidden_size=64, intermediate_size=128, out_hidden_size=64,
                       num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
-        model = transformers.Qwen3VLForConditionalGeneration(
-            transformers.Qwen3VLConfig(text_config=text, vision_config=vision, **ids))
+        if kind == "qwen3_vl_moe":  # the text MLP: 4 tiny experts, 2 a token (transformers normalizes their weights)
+            text.update(moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True)
+            model = transformers.Qwen3VLMoeForConditionalGeneration(
+                transformers.Qwen3VLMoeConfig(text_config=text, vision_config=vision, **ids))
+        else:
+            model = transformers.Qwen3VLForConditionalGeneration(
+                transformers.Qwen3VLConfig(text_config=text, vision_config=vision, **ids))
     patch, norm = vision["patch_size"], {}
-    if kind == "qwen3_vl":
+    if kind.startswith("qwen3"):
         size = {"shortest_edge": QWEN3_MIN_PIXELS, "longest_edge": QWEN3_MAX_PIXELS}
         video = transformers.Qwen3VLVideoProcessor(size=size, patch_size=patch, merge_size=2, temporal_patch_size=2,
                                                    do_sample_frames=False, cap_pixels_per_frame=False)
@@ -232,7 +247,7 @@ def _qwen(kind: str) -> Tuple[torch.nn.Module, object]:
                                                    do_sample_frames=False)
     image = transformers.Qwen2VLImageProcessor(size=size, patch_size=patch, merge_size=2, temporal_patch_size=2, **norm)
     cls = {"qwen2_vl": transformers.Qwen2VLProcessor, "qwen2_5_vl": transformers.Qwen2_5_VLProcessor,
-           "qwen3_vl": transformers.Qwen3VLProcessor}[kind]
+           "qwen3_vl": transformers.Qwen3VLProcessor, "qwen3_vl_moe": transformers.Qwen3VLProcessor}[kind]
     processor = cls(image_processor=image, tokenizer=tok, video_processor=video, chat_template=QWEN_TEMPLATE)
     return model, processor
 
@@ -272,6 +287,35 @@ def _gemma3() -> Tuple[torch.nn.Module, object]:
     return model, processor
 
 
+def _glm4v() -> Tuple[torch.nn.Module, object]:
+    """GLM-4.1V: Qwen2-VL's grids (14x14 patches merged 2x2, 16 to 64 merged tokens an image); a video's
+    frames are written with the image token, each frame <|begin_of_image|> tokens <|end_of_image|> and its
+    second as digits, all between <|begin_of_video|> and <|end_of_video|>."""
+    import transformers
+    tok = tokenizer(GLM_SPECIAL, GLM_TEMPLATE, sentences=[TIMESTAMPS], marks=True, pad_token="<|endoftext|>",
+                    eos_token="<|user|>")  # TIMESTAMPS: the digits of its frames' seconds
+    names = ("image_token_id", "video_token_id", "image_start_token_id", "image_end_token_id",
+             "video_start_token_id", "video_end_token_id")
+    tokens = ("<|image|>", "<|video|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>",
+              "<|end_of_video|>")
+    ids = {name: tok.convert_tokens_to_ids(t) for name, t in zip(names, tokens)}
+    text = _text(len(tok), pad_token_id=tok.pad_token_id,
+                 rope_parameters={"rope_type": "default", "mrope_section": [8, 4, 4], "rope_theta": 10000.0,
+                                  "partial_rotary_factor": 1.0})
+    text.pop("tie_word_embeddings")
+    vision = dict(depth=2, num_heads=2, hidden_size=64, intermediate_size=128, out_hidden_size=64, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, image_size=112, initializer_range=INIT)
+    config = transformers.Glm4vConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+    model = transformers.Glm4vForConditionalGeneration(config)
+    size = {"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": QWEN_MAX_PIXELS}
+    image = transformers.Glm4vImageProcessor(size=size, patch_size=14, merge_size=2, temporal_patch_size=2)
+    video = transformers.Glm4vVideoProcessor(size=size, max_image_size={"longest_edge": QWEN_MAX_PIXELS}, patch_size=14,
+                                             merge_size=2, temporal_patch_size=2, do_sample_frames=False)
+    processor = transformers.Glm4vProcessor(image_processor=image, tokenizer=tok, video_processor=video,
+                                            chat_template=GLM_TEMPLATE)
+    return model, processor
+
+
 BUILDERS: Dict[str, Callable[[], Tuple[torch.nn.Module, object]]] = {
     "llava": _llava,
     "qwen2_vl": lambda: _qwen("qwen2_vl"),
@@ -281,6 +325,8 @@ BUILDERS: Dict[str, Callable[[], Tuple[torch.nn.Module, object]]] = {
     "llava_onevision": lambda: _llava_next("llava_onevision"),
     "gemma3": _gemma3,
     "qwen3_vl": lambda: _qwen("qwen3_vl"),
+    "qwen3_vl_moe": lambda: _qwen("qwen3_vl_moe"),
+    "glm4v": _glm4v,
 }
 
 
@@ -297,14 +343,29 @@ RENAMES: Dict[str, Callable[[str], str]] = {kind: vision_model_prefix for kind i
                                             ("llava", "llava_next", "llava_next_video", "llava_onevision", "gemma3")}
 
 
-def rename_weights(directory: str, rename: Callable[[str], str]) -> None:
-    """Rename the weights of the safetensors checkpoint in ``directory`` (files and index) in place."""
+def experts_transposed(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """Qwen3-VL-MoE's fused experts as the original checkpoints store them and vLLM loads them:
+    ``gate_up_proj`` (experts, hidden, 2 x intermediate), ``down_proj`` (experts, intermediate, hidden);
+    transformers holds and saves them transposed."""
+    if name.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")):
+        return tensor.transpose(1, 2)
+    return tensor
+
+
+# (name, tensor) -> the tensor vLLM loads, where it differs from what transformers saves
+REWRITES: Dict[str, Callable[[str, torch.Tensor], torch.Tensor]] = {"qwen3_vl_moe": experts_transposed}
+
+
+def rename_weights(directory: str, rename: Callable[[str], str],
+                   rewrite: Callable[[str, torch.Tensor], torch.Tensor] = lambda name, tensor: tensor) -> None:
+    """Rename the weights of the safetensors checkpoint in ``directory`` (files and index) in place;
+    ``rewrite(name, tensor)``: each tensor's new value (by its old name)."""
     from safetensors.torch import load_file, save_file
     files = [f for f in os.listdir(directory) if f.endswith(".safetensors")]
     for f in files:
         path = os.path.join(directory, f)
         tensors = load_file(path)
-        save_file({rename(k): v.contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
+        save_file({rename(k): rewrite(k, v).contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as fh:
@@ -328,8 +389,8 @@ def build(kind: str, directory: str) -> str:
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     model.save_pretrained(directory, safe_serialization=True)
     processor.save_pretrained(directory)
-    if kind in RENAMES:
-        rename_weights(directory, RENAMES[kind])
+    if kind in RENAMES or kind in REWRITES:
+        rename_weights(directory, RENAMES.get(kind, lambda name: name), REWRITES.get(kind, lambda name, tensor: tensor))
     return directory
 
 

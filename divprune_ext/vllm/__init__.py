@@ -41,6 +41,8 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2VLForConditionalGeneration": "divprune_ext.vllm.qwen_vl:DivPruneQwen2VL",
     "Qwen2_5_VLForConditionalGeneration": "divprune_ext.vllm.qwen_vl:DivPruneQwen2_5_VL",
     "Qwen3VLForConditionalGeneration": "divprune_ext.vllm.qwen_vl:DivPruneQwen3VL",
+    "Qwen3VLMoeForConditionalGeneration": "divprune_ext.vllm.qwen_vl:DivPruneQwen3VLMoe",
+    "Glm4vForConditionalGeneration": "divprune_ext.vllm.glm4v:DivPruneGlm4v",
 }
 
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Break the vLLM plugin on purpose and check that its tests fail.
 
-Each mutant changes one line of the plugin as installed in the vLLM test environment (the
-wheel that scripts/vllm_env.sh installs; the source tree is not touched) and runs the vLLM tests
-that must catch it; the installed file is restored afterwards. Run it after the environment is
+Each mutant changes one line of the plugin that the vLLM tests import (the copy of
+``divprune_ext.vllm`` the interpreter finds: the wheel that scripts/vllm_env.sh installs, or
+the one PYTHONPATH puts first, which may be the source tree) and runs the vLLM tests that must
+catch it; the file is restored afterwards. Run it after the environment is
 set up (minutes per mutant: each runs engines):
 
     DIVPRUNE_VLLM_SETUP_ONLY=1 bash scripts/vllm_env.sh
@@ -46,6 +47,11 @@ EAGER = ["python_tests/vllm/test_families.py", "-k", "qwen2_vl and not replay an
 GRAPH = ["python_tests/vllm/test_positions.py", "-k", "replayed_graph"]
 QWEN3 = ["python_tests/vllm/test_families.py", "python_tests/vllm/test_placeholders.py",
          "python_tests/vllm/test_positions.py", "-k", "qwen3 and (pruned or placeholder or positions)"]
+# the bookkeeping tests first (seconds), then the engines (GLM-4.1V: no test_positions case of its own)
+GLM4V = ["python_tests/vllm/test_placeholders.py", "python_tests/vllm/test_families.py", "-k",
+         "glm4v and (pruned or placeholder or two_items)"]
+QWEN3_MOE = ["python_tests/vllm/test_placeholders.py", "python_tests/vllm/test_families.py", "-k",
+             "qwen3_vl_moe and (pruned or placeholder or deepstack)"]
 
 MUTANTS = [
     Mutant("wrong-k-placeholders", "core.py", "out += ids[cursor:start] + [token] * k",
@@ -92,14 +98,31 @@ MUTANTS = [
            "rows[(~is_token).to(item.device), :self.visual_dim] = self.get_language_model()",
            "rows[(~is_token).to(item.device), :0] = self.get_language_model()",
            "Qwen3-VL video: its timestamps and markers left as zero rows", QWEN3),
+    Mutant("qwen3-moe-without-deepstack", "qwen_vl.py",
+           "class DivPruneQwen3VLMoe(Qwen3VLPruning, Qwen3VLMoeForConditionalGeneration):",
+           "class DivPruneQwen3VLMoe(QwenVLPruning, Qwen3VLMoeForConditionalGeneration):",
+           "Qwen3-VL-MoE pruned as Qwen2-VL (deepstack columns compared, videos per frame)", QWEN3_MOE),
+    Mutant("glm4v-video-per-frame", "glm4v.py", "counts = torch.bincount(picks // (h * w), minlength=t)",
+           "counts = torch.bincount(picks % t, minlength=t)", "GLM-4.1V video: kept tokens put in the wrong frames",
+           GLM4V),
+    Mutant("glm4v-video-text-positions", "glm4v.py", "offsets[~is_token] = positions[:, ~was_token].t()",
+           "offsets[~is_token] = 0", "GLM-4.1V video: its timestamps and markers at the video's start", GLM4V),
+    Mutant("glm4v-video-text-not-embedded", "glm4v.py",
+           "rows[(~is_token).to(item.device)] = self.get_language_model()",
+           "rows[(~is_token).to(item.device)] = 0 * self.get_language_model()",
+           "GLM-4.1V video: its timestamps and markers left as zero rows", GLM4V),
+    Mutant("glm4v-frames-one-run", "glm4v.py", "PlaceholderRange(offset, length, is_embed=is_embed)",
+           "PlaceholderRange(offset, length, is_embed=None)",
+           "GLM-4.1V video: positions as if its frames were one run (no text between them)", GLM4V),
 ]
 
 
 def installed_plugin() -> str:
-    spec = importlib.util.find_spec("divprune_ext")
-    if spec is None or not spec.origin.startswith(sys.prefix):
+    """The folder of the ``divprune_ext.vllm`` this interpreter imports (so do the tests it runs)."""
+    spec = importlib.util.find_spec("divprune_ext.vllm")
+    if spec is None:
         sys.exit("run with the vLLM environment's python (divprune_ext installed there): see the docstring")
-    return os.path.join(os.path.dirname(spec.origin), "vllm")
+    return os.path.dirname(spec.origin)
 
 
 def pytest(tests):

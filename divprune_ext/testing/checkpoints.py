@@ -14,7 +14,9 @@ tiles in 4x4 patches (16 tokens a tile), anyres over 1x2, 2x1 and 2x2 tiles (36 
 image with its newline rows); a video frame pools to 2x2 tokens. Qwen3-VL: 16x16 patches merged
 2x2, 16 to 64 merged tokens an image, a video's pixels counted over all its frames (4 frames of
 64x96: 2 frames of 2x3 tokens, each after its "<t seconds>" timestamp); deepstack from both vision
-layers. Gemma 3: SigLIP 56x56 images in 14x14 patches -> 16 tokens an image of any shape; with
+layers. Qwen3-VL-MoE: Qwen3-VL's with a mixture-of-experts MLP (4 experts of 16, 2 a token).
+GLM-4.1V: Qwen2-VL's grids (its processors size images by 28 x 28 px merged tokens: 56 x 56 -> 9,
+112 x 112 -> 16), video frames as image tokens with their second as digits. Gemma 3: SigLIP 56x56 images in 14x14 patches -> 16 tokens an image of any shape; with
 pan-and-scan (mm_processor_kwargs ``do_pan_and_scan=True, pan_and_scan_min_crop_size=28``: the
 default minimum, 256, leaves these small images uncropped) 16 more a crop, 2 or 3 crops of an image
 1.2 to 4 times as wide as tall or the other way. ``initializer_range`` 0.3: random weights at the
@@ -27,7 +29,8 @@ The pieces are public for checkpoints of other shapes (``bench.serving``'s): :fu
 functions that use them, so importing this module costs nothing.
 
 Adding a kind: a function ``_<kind>() -> (model, processor)`` in ``BUILDERS``, and a rename in
-``RENAMES`` when vLLM's weight loader expects other names than transformers saves.
+``RENAMES`` when vLLM's weight loader expects other names than transformers saves (a rewrite in
+``REWRITES`` when it expects other layouts: Qwen3-VL-MoE's fused experts).
 """
 from __future__ import annotations  # the annotations name torch / transformers types: not evaluated
 

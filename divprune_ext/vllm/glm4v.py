@@ -44,10 +44,14 @@ class VideoText:
         processed = super()._apply_hf_processor_main(mm_items, hf_kwargs)
         if mm_items.get_all_counts().get("video", 0) and "video_grid_thw" in processed:
             token = self.info.get_hf_config().image_token_id
+            timestamps = processed.get("timestamps")  # vLLM 0.34 keeps them; as its own replacement does
             texts = []
             for index, grid in enumerate(processed["video_grid_thw"]):
-                video, metadata = mm_items["video"][index]
-                full = self.info._construct_video_placeholder(video, metadata, grid)
+                if timestamps is not None:
+                    full = self.info._placeholder_from_timestamps(timestamps[index], grid)
+                else:
+                    video, metadata = mm_items["video"][index]
+                    full = self.info._construct_video_placeholder(video, metadata, grid)
                 texts.append(torch.tensor([t for t in full if t != token], dtype=torch.int64))
             processed[TEXT_FIELD] = texts
         return processed

@@ -21,7 +21,8 @@ from divprune_ext.vllm import KEY
 from divprune_ext.vllm.core import ratios_from_bits
 from test_families import BAD_RATIOS, PROMPTS, family_of
 
-KINDS = ["llava", "qwen2_vl", "gemma3", "qwen3_vl"]
+KINDS = ["llava", "qwen2_vl", "gemma3", "qwen3_vl", "qwen3_vl_moe", "glm4v"]
+WHOLE_SPAN_VIDEOS = ("qwen3_vl", "qwen3_vl_moe", "glm4v")  # a pruned video: every token of its span takes a row
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -75,7 +76,7 @@ def runs_start(placeholder) -> int:
 
 
 def expected_embeds(kind, modality, runs, ratio) -> int:
-    if kind == "qwen3_vl" and modality == "video":  # one selection over all frames
+    if kind in WHOLE_SPAN_VIDEOS and modality == "video":  # one selection over all frames
         return divprune_ext.keep_count(sum(runs), ratio)
     return sum(divprune_ext.keep_count(n, ratio) for n in runs)  # a run each (Gemma 3: a crop each)
 
@@ -95,7 +96,7 @@ def test_placeholders_per_item_and_run(processor, ratio):
             spans = [pruned["prompt_token_ids"][p.offset:p.offset + p.length] for p in pruned["mm_placeholders"][modality]]
             got = [span.count(t) for span, t in zip(spans, token)]
             assert got == [expected_embeds(kind, modality, runs_of(p), ratio) for p in items], (prompt, modality)
-        if kind != "qwen3_vl":  # (its pruned videos are filled whole: every token of the span takes a row)
+        if kind not in WHOLE_SPAN_VIDEOS:  # (their pruned videos are filled whole)
             assert text_of(pruned) == text_of(full), prompt
 
 
@@ -130,3 +131,21 @@ def test_hashes_are_per_ratio(processor):
 def test_bad_ratios_name_the_key(processor, bad):
     with pytest.raises(ValueError, match=KEY):
         process(processor, prompts_of(processor)[0], bad)
+
+
+def test_glm4v_gives_the_model_each_videos_text(processor):
+    """GLM-4.1V: each video's replacement less its frames' placeholders (markers, timestamps) reaches
+    the model as a field, at every ratio: the model lays out a pruned video with it."""
+    kind, path, made = processor
+    if kind != "glm4v":
+        pytest.skip("GLM-4.1V only")
+    from divprune_ext.vllm.glm4v import TEXT_FIELD
+    image = made.info.get_hf_config().image_token_id
+    videos = [p for p in prompts_of(processor) if any(part[0] == "video" for part in p if not isinstance(part, str))]
+    assert videos
+    for prompt in videos:
+        full = process(processor, prompt)
+        (span,) = [full["prompt_token_ids"][p.offset:p.offset + p.length] for p in full["mm_placeholders"]["video"]]
+        for ratio in (None, 0.5):
+            (item,) = process(processor, prompt, ratio)["mm_kwargs"]["video"]
+            assert item[TEXT_FIELD].data.tolist() == [t for t in span if t != image]

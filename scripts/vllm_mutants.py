@@ -5,6 +5,11 @@ Each mutant changes one line of the plugin the tests import (the wheel that scri
 installs in the vLLM test environment, or the copy first on PYTHONPATH: then that copy is
 edited) and runs the vLLM tests that must catch it; the file is restored afterwards. Run it after
 the environment is set up (minutes per mutant: each runs engines):
+Each mutant changes one line of the plugin that the vLLM tests import (the copy of
+``divprune_ext.vllm`` the interpreter finds: the wheel that scripts/vllm_env.sh installs, or
+the one PYTHONPATH puts first, which may be the source tree) and runs the vLLM tests that must
+catch it; the file is restored afterwards. Run it after the environment is
+set up (minutes per mutant: each runs engines):
 
     DIVPRUNE_VLLM_SETUP_ONLY=1 bash scripts/vllm_env.sh
     .venv-vllm/bin/python -P scripts/vllm_mutants.py [names...]
@@ -55,6 +60,11 @@ MISTRAL3 = ["python_tests/vllm/test_placeholders.py", "python_tests/vllm/test_fa
             "mistral3 and (pruned or placeholder or puts or writes)"]
 
 MEMORY = ["python_tests/vllm/test_memory.py"]
+# the bookkeeping tests first (seconds), then the engines (GLM-4.1V: no test_positions case of its own)
+GLM4V = ["python_tests/vllm/test_placeholders.py", "python_tests/vllm/test_families.py", "-k",
+         "glm4v and (pruned or placeholder or two_items)"]
+QWEN3_MOE = ["python_tests/vllm/test_placeholders.py", "python_tests/vllm/test_families.py", "-k",
+             "qwen3_vl_moe and (pruned or placeholder or deepstack)"]
 
 MUTANTS = [
     Mutant("wrong-k-placeholders", "core.py", "out += ids[cursor:start] + [token] * k",
@@ -148,6 +158,22 @@ MUTANTS = [
            "Mistral 3: all kept tokens first, then the row breaks", MISTRAL3),
     Mutant("mistral3-end-as-break", "mistral3.py", "ids[-1] = end", "ids[-1] = row_break",
            "Mistral 3: the last row ends with [IMG_BREAK] instead of [IMG_END]", MISTRAL3),
+    Mutant("qwen3-moe-without-deepstack", "qwen_vl.py",
+           "class DivPruneQwen3VLMoe(Qwen3VLPruning, Qwen3VLMoeForConditionalGeneration):",
+           "class DivPruneQwen3VLMoe(QwenVLPruning, Qwen3VLMoeForConditionalGeneration):",
+           "Qwen3-VL-MoE pruned as Qwen2-VL (deepstack columns compared, videos per frame)", QWEN3_MOE),
+    Mutant("glm4v-video-per-frame", "glm4v.py", "counts = torch.bincount(picks // (h * w), minlength=t)",
+           "counts = torch.bincount(picks % t, minlength=t)", "GLM-4.1V video: kept tokens put in the wrong frames",
+           GLM4V),
+    Mutant("glm4v-video-text-positions", "glm4v.py", "offsets[~is_token] = positions[:, ~was_token].t()",
+           "offsets[~is_token] = 0", "GLM-4.1V video: its timestamps and markers at the video's start", GLM4V),
+    Mutant("glm4v-video-text-not-embedded", "glm4v.py",
+           "rows[(~is_token).to(item.device)] = self.get_language_model()",
+           "rows[(~is_token).to(item.device)] = 0 * self.get_language_model()",
+           "GLM-4.1V video: its timestamps and markers left as zero rows", GLM4V),
+    Mutant("glm4v-frames-one-run", "glm4v.py", "PlaceholderRange(offset, length, is_embed=is_embed)",
+           "PlaceholderRange(offset, length, is_embed=None)",
+           "GLM-4.1V video: positions as if its frames were one run (no text between them)", GLM4V),
 ]
 
 
@@ -156,6 +182,11 @@ def installed_plugin() -> str:
     if importlib.util.find_spec("vllm") is None or importlib.util.find_spec("divprune_ext") is None:
         sys.exit("run with the vLLM environment's python (divprune_ext installed there): see the docstring")
     return os.path.dirname(importlib.util.find_spec("divprune_ext.vllm").origin)
+    """The folder of the ``divprune_ext.vllm`` this interpreter imports (so do the tests it runs)."""
+    spec = importlib.util.find_spec("divprune_ext.vllm")
+    if spec is None:
+        sys.exit("run with the vLLM environment's python (divprune_ext installed there): see the docstring")
+    return os.path.dirname(spec.origin)
 
 
 def pytest(tests):

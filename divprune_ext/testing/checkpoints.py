@@ -14,7 +14,9 @@ tiles in 4x4 patches (16 tokens a tile), anyres over 1x2, 2x1 and 2x2 tiles (36 
 image with its newline rows); a video frame pools to 2x2 tokens. Qwen3-VL: 16x16 patches merged
 2x2, 16 to 64 merged tokens an image, a video's pixels counted over all its frames (4 frames of
 64x96: 2 frames of 2x3 tokens, each after its "<t seconds>" timestamp); deepstack from both vision
-layers. Gemma 3: SigLIP 56x56 images in 14x14 patches -> 16 tokens an image of any shape; with
+layers. Qwen3-VL-MoE: Qwen3-VL's with a mixture-of-experts MLP (4 experts of 16, 2 a token).
+GLM-4.1V: Qwen2-VL's grids (its processors size images by 28 x 28 px merged tokens: 56 x 56 -> 9,
+112 x 112 -> 16), video frames as image tokens with their second as digits. Gemma 3: SigLIP 56x56 images in 14x14 patches -> 16 tokens an image of any shape; with
 pan-and-scan (mm_processor_kwargs ``do_pan_and_scan=True, pan_and_scan_min_crop_size=28``: the
 default minimum, 256, leaves these small images uncropped) 16 more a crop, 2 or 3 crops of an image
 1.2 to 4 times as wide as tall or the other way. Gemma 4: 4x4 patches pooled 2x2, at most 70 soft
@@ -34,7 +36,8 @@ The pieces are public for checkpoints of other shapes (``bench.serving``'s): :fu
 functions that use them, so importing this module costs nothing.
 
 Adding a kind: a function ``_<kind>() -> (model, processor)`` in ``BUILDERS``, and a rename in
-``RENAMES`` when vLLM's weight loader expects other names than transformers saves.
+``RENAMES`` when vLLM's weight loader expects other names than transformers saves (a rewrite in
+``REWRITES`` when it expects other layouts: Qwen3-VL-MoE's fused experts).
 """
 from __future__ import annotations  # the annotations name torch / transformers types: not evaluated
 
@@ -49,7 +52,7 @@ __all__ = ["KINDS", "SEED", "INIT", "build", "tokenizer", "rename_weights", "REN
 SEED = 0
 INIT = 0.3
 KINDS = ["llava", "qwen2_vl", "qwen2_5_vl", "llava_next", "llava_next_video", "llava_onevision", "gemma3",
-         "qwen3_vl", "gemma4", "internvl", "mistral3"]
+         "qwen3_vl", "gemma4", "internvl", "mistral3", "qwen3_vl_moe", "glm4v"]
 LLAVA_SIDE, LLAVA_PATCH = 56, 14
 # LLaVA-NeXT / NeXT-Video / OneVision: 16x16 tiles in 4x4 patches (16 tokens a tile; a video frame
 # pools to 2x2); anyres over 1x2, 2x1 and 2x2 tiles. vLLM's NeXT-Video pooler divides by
@@ -111,6 +114,8 @@ GEMMA_TEMPLATE = (
 GEMMA4_TEMPLATE = GEMMA_TEMPLATE.replace("<start_of_image>", "<|image|>").replace(
     "{% elif part['type'] == 'text' %}",
     "{% elif part['type'] == 'video' or part['type'] == 'video_url' %}<|video|>{% elif part['type'] == 'text' %}")
+GLM_SPECIAL = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|begin_of_image|>", "<|end_of_image|>", "<|image|>",
+               "<|begin_of_video|>", "<|end_of_video|>", "<|video|>"]
 QWEN_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
@@ -128,6 +133,14 @@ MISTRAL_TEMPLATE = (
     "{% for part in message['content'] %}{% if part['type'] == 'image' or part['type'] == 'image_url' %}[IMG]"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
     "{% if message['role'] == 'user' %}[/INST]{% endif %}{% endfor %}")
+GLM_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' or part['type'] == 'image_url' %}<|begin_of_image|><|image|><|end_of_image|>"
+    "{% elif part['type'] == 'video' or part['type'] == 'video_url' %}<|begin_of_video|><|video|><|end_of_video|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
 
 def tokenizer(special: List[str], template: str, sentences: List[str] = (), marks: bool = False,
@@ -222,7 +235,7 @@ def _llava_next(kind: str) -> Tuple[torch.nn.Module, object]:
 
 def _qwen(kind: str) -> Tuple[torch.nn.Module, object]:
     import transformers
-    qwen3 = dict(sentences=[TIMESTAMPS], marks=True) if kind == "qwen3_vl" else {}
+    qwen3 = dict(sentences=[TIMESTAMPS], marks=True) if kind.startswith("qwen3") else {}
     tok = tokenizer(QWEN_SPECIAL, QWEN_TEMPLATE, pad_token="<|endoftext|>", eos_token="<|im_end|>", **qwen3)
     vocab = len(tok)
     ids = dict(image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
@@ -248,10 +261,15 @@ def _qwen(kind: str) -> Tuple[torch.nn.Module, object]:
         text["rope_parameters"]["mrope_interleaved"] = True
         vision.update(patch_size=QWEN3_PATCH, hidden_size=64, intermediate_size=128, out_hidden_size=64,
                       num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
-        model = transformers.Qwen3VLForConditionalGeneration(
-            transformers.Qwen3VLConfig(text_config=text, vision_config=vision, **ids))
+        if kind == "qwen3_vl_moe":  # the text MLP: 4 tiny experts, 2 a token (transformers normalizes their weights)
+            text.update(moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True)
+            model = transformers.Qwen3VLMoeForConditionalGeneration(
+                transformers.Qwen3VLMoeConfig(text_config=text, vision_config=vision, **ids))
+        else:
+            model = transformers.Qwen3VLForConditionalGeneration(
+                transformers.Qwen3VLConfig(text_config=text, vision_config=vision, **ids))
     patch, norm = vision["patch_size"], {}
-    if kind == "qwen3_vl":
+    if kind.startswith("qwen3"):
         size = {"shortest_edge": QWEN3_MIN_PIXELS, "longest_edge": QWEN3_MAX_PIXELS}
         video = transformers.Qwen3VLVideoProcessor(size=size, patch_size=patch, merge_size=2, temporal_patch_size=2,
                                                    do_sample_frames=False, cap_pixels_per_frame=False)
@@ -264,7 +282,7 @@ def _qwen(kind: str) -> Tuple[torch.nn.Module, object]:
                                                    do_sample_frames=False)
     image = transformers.Qwen2VLImageProcessor(size=size, patch_size=patch, merge_size=2, temporal_patch_size=2, **norm)
     cls = {"qwen2_vl": transformers.Qwen2VLProcessor, "qwen2_5_vl": transformers.Qwen2_5_VLProcessor,
-           "qwen3_vl": transformers.Qwen3VLProcessor}[kind]
+           "qwen3_vl": transformers.Qwen3VLProcessor, "qwen3_vl_moe": transformers.Qwen3VLProcessor}[kind]
     processor = cls(image_processor=image, tokenizer=tok, video_processor=video, chat_template=QWEN_TEMPLATE)
     return model, processor
 
@@ -389,6 +407,35 @@ def _mistral3() -> Tuple[torch.nn.Module, object]:
     return model, processor
 
 
+def _glm4v() -> Tuple[torch.nn.Module, object]:
+    """GLM-4.1V: Qwen2-VL's grids (14x14 patches merged 2x2, 16 to 64 merged tokens an image); a video's
+    frames are written with the image token, each frame <|begin_of_image|> tokens <|end_of_image|> and its
+    second as digits, all between <|begin_of_video|> and <|end_of_video|>."""
+    import transformers
+    tok = tokenizer(GLM_SPECIAL, GLM_TEMPLATE, sentences=[TIMESTAMPS], marks=True, pad_token="<|endoftext|>",
+                    eos_token="<|user|>")  # TIMESTAMPS: the digits of its frames' seconds
+    names = ("image_token_id", "video_token_id", "image_start_token_id", "image_end_token_id",
+             "video_start_token_id", "video_end_token_id")
+    tokens = ("<|image|>", "<|video|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>",
+              "<|end_of_video|>")
+    ids = {name: tok.convert_tokens_to_ids(t) for name, t in zip(names, tokens)}
+    text = _text(len(tok), pad_token_id=tok.pad_token_id,
+                 rope_parameters={"rope_type": "default", "mrope_section": [8, 4, 4], "rope_theta": 10000.0,
+                                  "partial_rotary_factor": 1.0})
+    text.pop("tie_word_embeddings")
+    vision = dict(depth=2, num_heads=2, hidden_size=64, intermediate_size=128, out_hidden_size=64, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, image_size=112, initializer_range=INIT)
+    config = transformers.Glm4vConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+    model = transformers.Glm4vForConditionalGeneration(config)
+    size = {"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": QWEN_MAX_PIXELS}
+    image = transformers.Glm4vImageProcessor(size=size, patch_size=14, merge_size=2, temporal_patch_size=2)
+    video = transformers.Glm4vVideoProcessor(size=size, max_image_size={"longest_edge": QWEN_MAX_PIXELS}, patch_size=14,
+                                             merge_size=2, temporal_patch_size=2, do_sample_frames=False)
+    processor = transformers.Glm4vProcessor(image_processor=image, tokenizer=tok, video_processor=video,
+                                            chat_template=GLM_TEMPLATE)
+    return model, processor
+
+
 BUILDERS: Dict[str, Callable[[], Tuple[torch.nn.Module, object]]] = {
     "llava": _llava,
     "qwen2_vl": lambda: _qwen("qwen2_vl"),
@@ -401,6 +448,8 @@ BUILDERS: Dict[str, Callable[[], Tuple[torch.nn.Module, object]]] = {
     "gemma4": _gemma4,
     "internvl": _internvl,
     "mistral3": _mistral3,
+    "qwen3_vl_moe": lambda: _qwen("qwen3_vl_moe"),
+    "glm4v": _glm4v,
 }
 
 
@@ -417,14 +466,29 @@ RENAMES: Dict[str, Callable[[str], str]] = {kind: vision_model_prefix for kind i
                                             ("llava", "llava_next", "llava_next_video", "llava_onevision", "gemma3")}
 
 
-def rename_weights(directory: str, rename: Callable[[str], str]) -> None:
-    """Rename the weights of the safetensors checkpoint in ``directory`` (files and index) in place."""
+def experts_transposed(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """Qwen3-VL-MoE's fused experts as the original checkpoints store them and vLLM loads them:
+    ``gate_up_proj`` (experts, hidden, 2 x intermediate), ``down_proj`` (experts, intermediate, hidden);
+    transformers holds and saves them transposed."""
+    if name.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")):
+        return tensor.transpose(1, 2)
+    return tensor
+
+
+# (name, tensor) -> the tensor vLLM loads, where it differs from what transformers saves
+REWRITES: Dict[str, Callable[[str, torch.Tensor], torch.Tensor]] = {"qwen3_vl_moe": experts_transposed}
+
+
+def rename_weights(directory: str, rename: Callable[[str], str],
+                   rewrite: Callable[[str, torch.Tensor], torch.Tensor] = lambda name, tensor: tensor) -> None:
+    """Rename the weights of the safetensors checkpoint in ``directory`` (files and index) in place;
+    ``rewrite(name, tensor)``: each tensor's new value (by its old name)."""
     from safetensors.torch import load_file, save_file
     files = [f for f in os.listdir(directory) if f.endswith(".safetensors")]
     for f in files:
         path = os.path.join(directory, f)
         tensors = load_file(path)
-        save_file({rename(k): v.contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
+        save_file({rename(k): rewrite(k, v).contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as fh:
@@ -448,8 +512,8 @@ def build(kind: str, directory: str) -> str:
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     model.save_pretrained(directory, safe_serialization=True)
     processor.save_pretrained(directory)
-    if kind in RENAMES:
-        rename_weights(directory, RENAMES[kind])
+    if kind in RENAMES or kind in REWRITES:
+        rename_weights(directory, RENAMES.get(kind, lambda name: name), REWRITES.get(kind, lambda name, tensor: tensor))
     return directory
 
 

@@ -45,6 +45,8 @@ SUPPORTED_ARCHITECTURES = {
     "Gemma4ForConditionalGeneration": "divprune_ext.vllm.gemma4:DivPruneGemma4",
     "InternVLForConditionalGeneration": "divprune_ext.vllm.internvl:DivPruneInternVL",
     "Mistral3ForConditionalGeneration": "divprune_ext.vllm.mistral3:DivPruneMistral3",
+    "Qwen3VLMoeForConditionalGeneration": "divprune_ext.vllm.qwen_vl:DivPruneQwen3VLMoe",
+    "Glm4vForConditionalGeneration": "divprune_ext.vllm.glm4v:DivPruneGlm4v",
 }
 
 

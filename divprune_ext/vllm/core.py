@@ -234,7 +234,8 @@ class PruningProcessor:
         return PromptReplacement(modality=modality, target=update.target, replacement=pruned)
 
     def _family_name(self) -> str:
-        return type(self).__mro__[2].__name__  # the family's processor (after the mixed class and the mixin)
+        mro = type(self).__mro__
+        return mro[mro.index(PruningProcessor) + 1].__name__  # the family's processor (after the mixin)
 
     def kept_per_run(self, modality: str, lengths: List[int], ratio: float) -> List[int]:
         return self._divprune_model.kept_per_run(modality, lengths, ratio, self._family_name())
@@ -264,13 +265,15 @@ def embed_runs(embed: Sequence[bool]) -> List[tuple]:
     return runs
 
 
-_PROCESSOR_CLASSES: Dict[type, type] = {}
+_PROCESSOR_CLASSES: Dict[tuple, type] = {}
 
 
-def _pruning_class(cls: type) -> type:
-    if cls not in _PROCESSOR_CLASSES:
-        _PROCESSOR_CLASSES[cls] = type(f"DivPrune{cls.__name__}", (PruningProcessor, cls), {})
-    return _PROCESSOR_CLASSES[cls]
+def _pruning_class(cls: type, family_mixin: type = None) -> type:
+    """``cls`` with :class:`PruningProcessor` (and the model class's ``processor_mixin`` before it) mixed in."""
+    if (cls, family_mixin) not in _PROCESSOR_CLASSES:
+        bases = (PruningProcessor, cls) if family_mixin is None else (family_mixin, PruningProcessor, cls)
+        _PROCESSOR_CLASSES[cls, family_mixin] = type(f"DivPrune{cls.__name__}", bases, {})
+    return _PROCESSOR_CLASSES[cls, family_mixin]
 
 
 def with_pruning_processor(model_cls):
@@ -282,7 +285,7 @@ def with_pruning_processor(model_cls):
 
     def build(info, dummy_inputs, **kwargs):
         processor = parent.processor(info, dummy_inputs, **kwargs)  # the factory picks the class
-        pruning = object.__new__(_pruning_class(type(processor)))
+        pruning = object.__new__(_pruning_class(type(processor), model_cls.processor_mixin))
         pruning.__dict__.update(processor.__dict__)  # the same state, built by the family's __init__
         pruning._divprune_model = model_cls  # its kept_per_run: how many placeholders each run keeps
         return pruning
@@ -306,6 +309,9 @@ def check_model_config(vllm_config) -> None:
 
 class PruningModel:
     """Mixin put first in a family's model class: DivPrune on ``embed_multimodal``'s output."""
+
+    # a class mixed into the family's processor before PruningProcessor (fields the family's model needs)
+    processor_mixin = None
 
     def __init__(self, *, vllm_config, prefix: str = ""):
         check_model_config(vllm_config)

@@ -1,4 +1,4 @@
-"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL in vLLM, pruned: images, several per prompt, and videos.
+"""Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE in vLLM, pruned: images, several per prompt, and videos.
 
 Selection runs on each item's output of the vision tower's patch merger (a video: all its frames
 together), as in ``divprune_ext.hf``. Positions: :class:`divprune_ext.vllm.core.MRoPEPruning`; the
@@ -12,6 +12,7 @@ import torch
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration
 from vllm.model_executor.models.qwen3_vl import Qwen3VLForConditionalGeneration, Qwen3VLMultiModalProcessor
+from vllm.model_executor.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration
 
 import divprune_ext
 
@@ -45,8 +46,7 @@ class DivPruneQwen2_5_VL(QwenVLPruning, Qwen2_5_VLForConditionalGeneration):
     pass
 
 
-@with_pruning_processor
-class DivPruneQwen3VL(QwenVLPruning, Qwen3VLForConditionalGeneration):
+class Qwen3VLPruning(QwenVLPruning):
     """Qwen3-VL: images and videos.
 
     Deepstack: each row of ``embed_multimodal`` is the merged token (``out_hidden_size`` columns)
@@ -134,3 +134,15 @@ class DivPruneQwen3VL(QwenVLPruning, Qwen3VLForConditionalGeneration):
                 if token == start:
                     full += [video] * (h * w // merge ** 2)
         return full
+
+
+@with_pruning_processor
+class DivPruneQwen3VL(Qwen3VLPruning, Qwen3VLForConditionalGeneration):
+    pass
+
+
+@with_pruning_processor
+class DivPruneQwen3VLMoe(Qwen3VLPruning, Qwen3VLMoeForConditionalGeneration):
+    """Qwen3-VL-MoE: vLLM's class is Qwen3-VL's with a mixture-of-experts LLM (and its own processing
+    info for the MoE config); the vision tower, deepstack, processor and positions are Qwen3-VL's, and so
+    is the pruning."""

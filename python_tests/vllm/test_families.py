@@ -82,6 +82,14 @@ PROMPTS = {
         ["what is in the image ?", ("image", (60, 90))],                       # 4 rows of 6
         [("image", (120, 50)), "compare the two images", ("image", (56, 56))],  # 6 rows of 3, 4 of 4
     ],
+    # 28 x 28 px a merged token: 28, 21 and 16 tokens an image; the video 3 frames of 2 x 3 tokens, each
+    # frame a run after <|begin_of_image|>. No image + video prompt: transformers (5.19 to 5.25) cannot run
+    # one unpruned (its placeholder mask counts the video's frames as image tokens); two_in_one_chunk has one.
+    "glm4v": [
+        ["what is in the image ?", ("image", (112, 196))],
+        [("image", (196, 84)), "compare the two images", ("image", (112, 112))],
+        ["describe", ("video", (6, 84, 112)), "the video"],
+    ],
 }
 # Two pruned items inside one 16-token prefill chunk (placeholders at 0.25: 4 + 4 for LLaVA, 4 + 4 for Qwen).
 TWO_IN_ONE_CHUNK = {"llava": [("image", (56, 56)), ("image", (50, 60)), "two"],
@@ -93,16 +101,19 @@ TWO_IN_ONE_CHUNK["gemma3"] = [("image", (56, 56)), ("image", (50, 56)), "two"]  
 TWO_IN_ONE_CHUNK["gemma4"] = [("image", (56, 56)), ("image", (50, 56)), "two"]  # 3 + 3, with <boi> / <eoi>
 TWO_IN_ONE_CHUNK["internvl"] = [("image", (56, 56)), ("image", (50, 56)), "two"]  # 4 + 4, with <img> / </img>
 TWO_IN_ONE_CHUNK["mistral3"] = [("image", (32, 48)), ("image", (48, 32)), "two"]  # 2 + 2, with 2 / 3 row ends
+TWO_IN_ONE_CHUNK["glm4v"] = [("image", (56, 56)), ("video", (2, 56, 56)), "two"]  # 9 tokens each: 2 + 2
 TWO_IN_ONE_CHUNK_RATIO = {"llava_next": 0.1, "llava_onevision": 0.1, "gemma3": 0.1, "gemma4": 0.05}  # else 0.25
 MEDIA = {"llava": {"image": 2}, "llava_next": {"image": 2}, "llava_next_video": {"video": 1},
          "gemma3": {"image": 2}, "mistral3": {"image": 2}}  # else 2 + 1
 NO_IMAGE_EMBEDS = {"gemma3": "vLLM's Gemma 3 takes no image_embeds", "gemma4": "vLLM's Gemma 4 takes no image_embeds",
-                   "mistral3": "vLLM's Mistral 3 processor sizes an image's rows from its pixels (no image_embeds)"}
+                   "mistral3": "vLLM's Mistral 3 processor sizes an image's rows from its pixels (no image_embeds)",
+                   "glm4v": "vLLM's GLM-4.1V takes image_embeds from 0.34 on"}
 CACHE_PROMPT = [("image", (56, 56)), TEXT + " " + TEXT]
 # LLaVA-NeXT / OneVision: a 36-token image (0.51 keeps as many as 0.5); NeXT-Video: a 16-token video
 CACHE_PROMPTS = {"llava_next": [("image", (16, 16)), TEXT + " " + TEXT],
                  "llava_onevision": [("image", (16, 16)), TEXT + " " + TEXT],
                  "llava_next_video": [("video", (4, 16, 16)), TEXT + " " + TEXT]}
+CACHE_PROMPTS["glm4v"] = [("image", (112, 112)), TEXT + " " + TEXT]  # 16 tokens (a 56 x 56 image: 9)
 UNBATCHED_BASELINE = {"llava_onevision"}
 CACHE_OTHER_RATIO = {"llava_next": 0.51, "llava_onevision": 0.51, "gemma4": 0.505}  # else 0.52 (Gemma 4: 64 tokens)
 BLOCK = 32  # KV-cache block size of the test engines (vLLM's CPU default, 128, exceeds these prompts)
@@ -133,7 +144,7 @@ def mixed(prompts) -> List[dict]:
             for j in range(len(ratios)) for i, p in enumerate(prompts)]
 
 
-MROPE_KINDS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+MROPE_KINDS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v"]
 VARIANTS = checkpoints.KINDS + [f"{kind}-replay" for kind in MROPE_KINDS]
 
 
@@ -272,7 +283,7 @@ def test_placeholder_counts(runs, ratio):
         runs_full, runs_pruned = placeholder_runs(full_ids, ids), placeholder_runs(pruned_ids, ids)
         if runs.kind == "mistral3":  # one run per row unpruned; an image's kept tokens all in its first row's run
             runs_full = [(None, n) for n in image_sizes(runs.path, full_ids)]
-        assert [k for _, k in runs_pruned] == expected_runs(runs.kind, runs.path, runs_full, ratio)
+        assert [k for _, k in runs_pruned] == expected_runs(runs.kind, runs.path, runs_full, ratio, full_ids)
 
 
 def image_sizes(path, ids) -> List[int]:
@@ -289,17 +300,27 @@ def image_sizes(path, ids) -> List[int]:
     return sizes
 
 
-def expected_runs(kind, path, runs_full, ratio) -> List[int]:
-    """keep_count per run; Qwen3-VL's and Gemma 4's video (one a prompt here) is one run per frame
-    unpruned and keeps keep_count(all its frames' tokens) in its first frame's run."""
-    if kind not in ("qwen3_vl", "gemma4"):
+def expected_runs(kind, path, runs_full, ratio, full_ids) -> List[int]:
+    """keep_count per run; Qwen3-VL's, Gemma 4's and GLM-4.1V's video (one a prompt here) is one run
+    per frame unpruned and keeps keep_count(all its frames' tokens) in its first frame's run."""
+    if kind not in ("qwen3_vl", "qwen3_vl_moe", "glm4v", "gemma4"):
         return [divprune_ext.keep_count(n, ratio) for _, n in runs_full]
     import transformers
-    video = transformers.AutoConfig.from_pretrained(path).video_token_id
-    frames = [n for t, n in runs_full if t == video]
+    config = transformers.AutoConfig.from_pretrained(path)
+    if kind == "glm4v":  # frames are image tokens between <|begin_of_video|> and <|end_of_video|>
+        video = [config.video_start_token_id, config.video_end_token_id]
+        start, end = (full_ids.index(t) if t in full_ids else -1 for t in video)
+        inside = [start < i < end for i, t in enumerate(full_ids) if t == config.image_token_id]
+        frame_of_run, cursor = [], 0
+        for _, n in runs_full:
+            frame_of_run.append(inside[cursor])
+            cursor += n
+    else:
+        frame_of_run = [t == config.video_token_id for t, _ in runs_full]
+    frames = [n for (_, n), is_frame in zip(runs_full, frame_of_run) if is_frame]
     out, first = [], True
-    for t, n in runs_full:
-        if t != video:
+    for (t, n), is_frame in zip(runs_full, frame_of_run):
+        if not is_frame:
             out.append(divprune_ext.keep_count(n, ratio))
         elif first:
             out.append(divprune_ext.keep_count(sum(frames), ratio))

@@ -3,14 +3,17 @@
 - Processor side: an item's replacement keeps, per run of placeholders, the first
   ``kept_per_run`` of them and every other token (Gemma 3's ``<start_of_image>`` /
   ``<end_of_image>`` and pan-and-scan text; InternVL videos: each frame's run and its text;
-  Qwen3-VL videos and Mistral 3 images: every kept token in the first frame's / row's run); what a family does not prune (several runs where it expects one, mixed
+  Qwen3-VL, Gemma 4 and GLM-4.1V videos and Mistral 3 images: every kept token in the first
+  frame's / row's run); what a family does not prune (several runs where it expects one, mixed
   placeholder ids) raises ``NotImplementedError`` naming it.
 - Model side: each part (:meth:`segments`) is selected apart and equals ``divprune_ext.select``
-  on it; Qwen3-VL selects on the merged tokens and keeps the deepstack columns of the same rows;
-  Mistral 3 writes each row's kept tokens before that row's break.
-- Gemma 4: a video keeps all its tokens in the first frame's run; its rows are laid out frame by
-  frame (each kept token in its own frame) with each row's token id for the per-layer inputs; a
-  model with bidirectional image attention refuses pruned videos.
+  on it; Qwen3-VL (and -MoE) selects on the merged tokens and keeps the deepstack columns of the
+  same rows; Mistral 3 writes each row's kept tokens before that row's break; a pruned GLM-4.1V
+  video's rows are its markers, each frame's kept tokens and its timestamp, at the positions
+  GLM-4.1V's rope index gives them unpruned.
+- Gemma 4: its video rows are laid out frame by frame (each kept token in its own frame) with each
+  row's token id for the per-layer inputs; a model with bidirectional image attention refuses
+  pruned videos.
 """
 from types import SimpleNamespace
 
@@ -22,16 +25,19 @@ from divprune_ext.vllm import KEY
 from divprune_ext.vllm.core import OFFSET_INTS, _pruning_class, embed_runs
 from divprune_ext.vllm.gemma3 import DivPruneGemma3
 from divprune_ext.vllm.gemma4 import PLE_INTS, DivPruneGemma4, Gemma4VideoRatioCheck
+from divprune_ext.vllm.glm4v import TEXT_FIELD, DivPruneGlm4v, VideoText
 from divprune_ext.vllm.internvl import DivPruneInternVL
 from divprune_ext.vllm.llava import DivPruneLlava
 from divprune_ext.vllm.mistral3 import DivPruneMistral3
-from divprune_ext.vllm.qwen_vl import DivPruneQwen3VL
+from divprune_ext.vllm.qwen_vl import DivPruneQwen3VL, DivPruneQwen3VLMoe
 from vllm.model_executor.models.gemma3_mm import Gemma3MultiModalProcessor
 from vllm.model_executor.models.gemma4_mm import Gemma4MultiModalProcessor
+from vllm.model_executor.models.glm4_1v import Glm4vMultiModalProcessor
 from vllm.model_executor.models.interns1 import InternS1MultiModalProcessor
 from vllm.model_executor.models.llava import LlavaMultiModalProcessor
 from vllm.model_executor.models.mistral3 import Mistral3MultiModalProcessor
 from vllm.model_executor.models.qwen3_vl import Qwen3VLMultiModalProcessor
+from vllm.model_executor.models.qwen3_vl_moe import Qwen3VLMoeProcessingInfo
 from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
 
 IMG, BOI, EOI, NL, WORD = 9, 2, 3, 4, 5
@@ -124,17 +130,18 @@ def test_gemma3_selects_each_crop_apart(ratio):
     assert torch.equal(kept[2], reference_rows(items[2], [16] * 2, ratio))
 
 
-def qwen3_bare(hidden=8, levels=2):
-    model = object.__new__(DivPruneQwen3VL)
+def qwen3_bare(hidden=8, levels=2, cls=DivPruneQwen3VL):
+    model = object.__new__(cls)
     object.__setattr__(model, "visual_dim", hidden)
     object.__setattr__(model, "multiscale_dim", hidden * levels)
     object.__setattr__(model, "config", SimpleNamespace(vision_config=SimpleNamespace(spatial_merge_size=2)))
     return model
 
 
+@pytest.mark.parametrize("cls", [DivPruneQwen3VL, DivPruneQwen3VLMoe], ids=["qwen3_vl", "qwen3_vl_moe"])
 @pytest.mark.parametrize("ratio", [0.5, 0.1])
-def test_qwen3_vl_selects_on_merged_tokens_and_keeps_their_deepstack_rows(ratio):
-    model = qwen3_bare()
+def test_qwen3_vl_selects_on_merged_tokens_and_keeps_their_deepstack_rows(ratio, cls):
+    model = qwen3_bare(cls=cls)
     torch.manual_seed(1)
     main = torch.randn(24, 8)
     deepstack = torch.randn(24, 16) * 100  # would decide the picks if it were compared
@@ -168,6 +175,40 @@ def gemma4_bare(bidirectional=None):
     # a timestamp "mm:ss" is one WORD, NL here (its text does not matter, its place does)
     object.__setattr__(model, "_tokenizer", SimpleNamespace(encode=lambda text, **kw: [WORD, NL]))
     embed = SimpleNamespace(embed_input_ids=lambda ids: ids.float()[:, None].expand(-1, 8) * -1.0)
+def test_qwen3_vl_moe_keeps_its_own_processing_info():
+    """vLLM's MoE class registers Qwen3-VL's processor with processing info for the MoE config."""
+    assert DivPruneQwen3VLMoe._processor_factory.info is Qwen3VLMoeProcessingInfo
+
+
+BOV, EOV, TS0, TS1 = 6, 7, 8, 10
+
+
+def glm_video(tokens_per_frame, timestamps=(TS0, TS1)):
+    """GLM-4.1V's replacement of a video: <|begin_of_video|>, per frame <|begin_of_image|> tokens
+    <|end_of_image|> and its second, <|end_of_video|>; its frames' tokens are image tokens."""
+    ids = [BOV]
+    for n, second in zip(tokens_per_frame, timestamps):
+        ids += [BOI] + [IMG] * n + [EOI, second]
+    return ids + [EOV]
+
+
+@pytest.mark.parametrize("ratio, k", [(0.5, 6), (0.25, 3), (0.1, 1)])
+def test_glm4v_video_puts_every_kept_token_in_the_first_frame(ratio, k):
+    proc = object.__new__(_pruning_class(Glm4vMultiModalProcessor, VideoText))
+    proc._divprune_model = DivPruneGlm4v
+    assert proc._family_name() == "Glm4vMultiModalProcessor"
+    full = PromptUpdateDetails.select_token_id(glm_video([6, 6]), IMG)
+    out = replaced(proc, full, ratio, modality="video")
+    assert out.full == [BOV, BOI] + [IMG] * k + [EOI, TS0, BOI, EOI, TS1, EOV] and out.is_embed is None
+    assert replaced(proc, [IMG] * 8, 0.25) == [IMG] * 2  # an image: one run
+
+
+def glm_bare(hidden=4):
+    model = object.__new__(DivPruneGlm4v)
+    config = SimpleNamespace(image_token_id=IMG, image_start_token_id=BOI,
+                             vision_config=SimpleNamespace(spatial_merge_size=2))
+    object.__setattr__(model, "config", config)
+    embed = SimpleNamespace(embed_input_ids=lambda ids: -ids[:, None].float().expand(-1, hidden))
     object.__setattr__(model, "get_language_model", lambda: embed)
     return model
 
@@ -282,3 +323,26 @@ def test_mistral3_writes_each_rows_kept_tokens_before_its_break(ratio):
         expected += [item[p] for p in picks if p // columns == r]
         expected.append(torch.full((8,), 1000.0 * (BRK if r < rows - 1 else END)))
     assert torch.equal(kept, torch.stack(expected))
+def test_glm4v_pruned_video_rows_are_its_layout_at_unpruned_positions():
+    """Frames of 2 x 3 merged tokens; the kept tokens 1, 4, 5 (frame 0) and 8 (frame 1)."""
+    model = glm_bare()
+    item = torch.arange(12 * 4, dtype=torch.float32).view(12, 4)
+    kwargs = {"video_grid_thw": torch.tensor([[2, 4, 6]]), TEXT_FIELD: [torch.tensor(glm_video([0, 0]))]}
+    picks = torch.tensor([1, 4, 5, 8])
+    rows = model._kept(item, picks, "video", 0, kwargs)
+    ids = [BOV, BOI, IMG, IMG, IMG, EOI, TS0, BOI, IMG, EOI, TS1, EOV]
+    kept = iter(item[picks])
+    expected = [next(kept) if t == IMG else torch.full((4,), -float(t)) for t in ids]
+    assert torch.equal(rows[:, :4], torch.stack(expected))
+    # GLM-4.1V's rope index on the unpruned video: <|begin_of_video|> 0, <|begin_of_image|> 1, frame 0 at
+    # (2, 2 + row, 2 + column), the text after it from 2 + max(2, 3), frame 1 at (8, 8 + row, 8 + column)
+    offsets = rows[:, 4:].contiguous().view(torch.int32)[:, :3].tolist()
+    assert offsets == [[0, 0, 0], [1, 1, 1], [2, 2, 3], [2, 3, 3], [2, 3, 4], [5, 5, 5], [6, 6, 6], [7, 7, 7],
+                       [8, 8, 10], [11, 11, 11], [12, 12, 12], [13, 13, 13]]
+
+
+def test_glm4v_full_span_puts_each_frame_back():
+    model = glm_bare()
+    feature = SimpleNamespace(modality="video", data={"video_grid_thw": SimpleNamespace(data=torch.tensor([2, 4, 6]))})
+    assert model.full_span(feature, glm_video([4, 0])) == glm_video([6, 6])
+    assert model.full_span(feature, glm_video([6, 6])) == glm_video([6, 6])

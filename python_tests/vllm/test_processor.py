@@ -28,7 +28,9 @@ from divprune_ext.vllm import KEY
 from divprune_ext.vllm.core import PROFILE, PROFILE_RATIO, PruningModel, ratios_from_bits
 from test_families import BAD_RATIOS, PROMPTS, family_of
 
-KINDS = ["llava", "qwen2_vl", "gemma3", "qwen3_vl", "llava_onevision", "gemma4", "internvl", "mistral3"]
+KINDS = ["llava", "qwen2_vl", "gemma3", "qwen3_vl", "llava_onevision", "gemma4", "internvl", "mistral3",
+         "qwen3_vl_moe", "glm4v"]
+WHOLE_SPAN_VIDEOS = ("qwen3_vl", "qwen3_vl_moe", "glm4v", "gemma4")  # a pruned video: every token of its span takes a row
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -91,7 +93,7 @@ def runs_start(placeholder) -> int:
 
 
 def expected_embeds(kind, modality, runs, ratio) -> int:
-    if kind in ("qwen3_vl", "gemma4") and modality == "video" or kind == "mistral3":  # one selection over all frames / rows
+    if kind in WHOLE_SPAN_VIDEOS and modality == "video" or kind == "mistral3":  # one selection over all frames / rows
         return divprune_ext.keep_count(sum(runs), ratio)
     return sum(divprune_ext.keep_count(n, ratio) for n in runs)  # a run each (Gemma 3: a crop each)
 
@@ -115,7 +117,7 @@ def test_placeholders_per_item_and_run(processor, ratio):
             image = set(token)
             assert [t for t in pruned["prompt_token_ids"] if t not in image] == \
                 [t for t in full["prompt_token_ids"] if t not in image], prompt
-        elif kind not in ("qwen3_vl", "gemma4"):  # (their pruned videos are filled whole: every token takes a row)
+        elif kind not in WHOLE_SPAN_VIDEOS:  # (their pruned videos are filled whole: every token takes a row)
             assert text_of(pruned) == text_of(full), prompt
 
 
@@ -249,3 +251,19 @@ def test_model_runner_v2_profile_runs_the_selection(tmp_path_factory, monkeypatc
     EncoderRunner.profile_encoder_cache(runner, [("image", item)] * 2, budget)
     assert selected == [([n, n], [1, 1])]
     assert [len(v) for v in runner.encoder_cache.encoder_outputs.values()] == [n, n]
+def test_glm4v_gives_the_model_each_videos_text(processor):
+    """GLM-4.1V: each video's replacement less its frames' placeholders (markers, timestamps) reaches
+    the model as a field, at every ratio: the model lays out a pruned video with it."""
+    kind, path, made = processor
+    if kind != "glm4v":
+        pytest.skip("GLM-4.1V only")
+    from divprune_ext.vllm.glm4v import TEXT_FIELD
+    image = made.info.get_hf_config().image_token_id
+    videos = [p for p in prompts_of(processor) if any(part[0] == "video" for part in p if not isinstance(part, str))]
+    assert videos
+    for prompt in videos:
+        full = process(processor, prompt)
+        (span,) = [full["prompt_token_ids"][p.offset:p.offset + p.length] for p in full["mm_placeholders"]["video"]]
+        for ratio in (None, 0.5):
+            (item,) = process(processor, prompt, ratio)["mm_kwargs"]["video"]
+            assert item[TEXT_FIELD].data.tolist() == [t for t in span if t != image]

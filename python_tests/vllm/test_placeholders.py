@@ -175,6 +175,10 @@ def gemma4_bare(bidirectional=None):
     # a timestamp "mm:ss" is one WORD, NL here (its text does not matter, its place does)
     object.__setattr__(model, "_tokenizer", SimpleNamespace(encode=lambda text, **kw: [WORD, NL]))
     embed = SimpleNamespace(embed_input_ids=lambda ids: ids.float()[:, None].expand(-1, 8) * -1.0)
+    object.__setattr__(model, "get_language_model", lambda: embed)
+    return model
+
+
 def test_qwen3_vl_moe_keeps_its_own_processing_info():
     """vLLM's MoE class registers Qwen3-VL's processor with processing info for the MoE config."""
     assert DivPruneQwen3VLMoe._processor_factory.info is Qwen3VLMoeProcessingInfo

@@ -244,7 +244,10 @@ def test_model_runner_v2_profile_runs_the_selection(tmp_path_factory, monkeypatc
     select = divprune_ext.select_varlen
     monkeypatch.setattr(divprune_ext, "select_varlen", lambda x, lengths, k, **kw: selected.append(
         (list(lengths), list(k))) or select(x, lengths, k, **kw))
-    runner = SimpleNamespace(model=bare(Model), device="cpu", cudagraph_manager=None,
+    model = bare(Model)
+    object.__setattr__(model, "_divprune_budget", SimpleNamespace(  # what vLLM's MultiModalBudget gives
+        mm_max_toks_per_item={"image": n}, mm_max_items_per_batch={"image": 2}, get_modality_with_max_tokens=lambda: "image"))
+    runner = SimpleNamespace(model=model, device="cpu", cudagraph_manager=None,
                              encoder_cache=SimpleNamespace(encoder_outputs={}))
     runner.execute_mm_encoder = lambda inputs: EncoderRunner.execute_mm_encoder(runner, inputs)
     budget = SimpleNamespace(get_encoder_budget=lambda: 2 * n, mm_max_toks_per_item={"image": n})

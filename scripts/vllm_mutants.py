@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Break the vLLM plugin on purpose and check that its tests fail.
 
-Each mutant changes one line of the plugin as installed in the vLLM test environment (the
-wheel that scripts/vllm_env.sh installs; the source tree is not touched) and runs the vLLM tests
-that must catch it; the installed file is restored afterwards. Run it after the environment is
-set up (minutes per mutant: each runs engines):
+Each mutant changes one line of the plugin the tests import (the wheel that scripts/vllm_env.sh
+installs in the vLLM test environment, or the copy PYTHONPATH puts first: that one is the source
+tree if it links there) and runs the vLLM tests that must catch it; the file is restored
+afterwards. Run it after the environment is set up (minutes per mutant: each runs engines):
 
     DIVPRUNE_VLLM_SETUP_ONLY=1 bash scripts/vllm_env.sh
     .venv-vllm/bin/python -P scripts/vllm_mutants.py [names...]
@@ -46,6 +46,9 @@ EAGER = ["python_tests/vllm/test_families.py", "-k", "qwen2_vl and not replay an
 GRAPH = ["python_tests/vllm/test_positions.py", "-k", "replayed_graph"]
 QWEN3 = ["python_tests/vllm/test_families.py", "python_tests/vllm/test_placeholders.py",
          "python_tests/vllm/test_positions.py", "-k", "qwen3 and (pruned or placeholder or positions)"]
+# Qwen3.5 (qwen3_5.py: which vLLM class, which pruning code): the tests without an engine
+QWEN3_5 = ["python_tests/vllm/test_loading.py", "python_tests/vllm/test_placeholders.py",
+           "python_tests/vllm/test_positions.py", "-k", "qwen3_5 or sits_on or before_vllms"]
 
 MUTANTS = [
     Mutant("wrong-k-placeholders", "core.py", "out += ids[cursor:start] + [token] * k",
@@ -92,14 +95,35 @@ MUTANTS = [
            "rows[(~is_token).to(item.device), :self.visual_dim] = self.get_language_model()",
            "rows[(~is_token).to(item.device), :0] = self.get_language_model()",
            "Qwen3-VL video: its timestamps and markers left as zero rows", QWEN3),
+    Mutant("qwen3_5-always-the-0.32-module", "qwen3_5.py",
+           'importlib.util.find_spec("vllm.models.qwen3_5") is not None', "False",
+           "Qwen3.5: vLLM 0.34's CUDA class (vllm.models.qwen3_5) not followed", QWEN3_5),
+    Mutant("qwen3_5-vllm-class-first", "qwen3_5.py",
+           "class DivPruneQwen3_5(Qwen3VLPruning, _vllm.Qwen3_5ForConditionalGeneration):",
+           "class DivPruneQwen3_5(_vllm.Qwen3_5ForConditionalGeneration, Qwen3VLPruning):",
+           "Qwen3.5: vLLM's forward / positions run instead of the plugin's", QWEN3_5),
+    Mutant("qwen3_5-moe-on-the-dense-class", "qwen3_5.py",
+           "class DivPruneQwen3_5Moe(Qwen3VLPruning, _vllm.Qwen3_5MoeForConditionalGeneration):",
+           "class DivPruneQwen3_5Moe(Qwen3VLPruning, _vllm.Qwen3_5ForConditionalGeneration):",
+           "Qwen3.5-MoE served by the dense class", QWEN3_5),
+    Mutant("qwen3_5-videos-as-qwen2-vl", "qwen3_5.py", "from .qwen_vl import Qwen3VLPruning",
+           "from .qwen_vl import QwenVLPruning as Qwen3VLPruning",
+           "Qwen3.5: Qwen2-VL's pruning (no per-frame video runs)", QWEN3_5),
+    Mutant("qwen3_5-qwen3-vl-processing", "qwen3_5.py", "from .qwen_vl import Qwen3VLPruning",
+           "from .qwen_vl import DivPruneQwen3VL as Qwen3VLPruning",
+           "Qwen3.5: the plugin's Qwen3-VL class (its processor, info for a Qwen3-VL config) as the base",
+           QWEN3_5),
 ]
 
 
 def installed_plugin() -> str:
-    spec = importlib.util.find_spec("divprune_ext")
-    if spec is None or not spec.origin.startswith(sys.prefix):
-        sys.exit("run with the vLLM environment's python (divprune_ext installed there): see the docstring")
-    return os.path.join(os.path.dirname(spec.origin), "vllm")
+    """The plugin folder the tests import: the installed copy, or the one PYTHONPATH puts first."""
+    if importlib.util.find_spec("vllm") is None:
+        sys.exit("run with the vLLM environment's python: see the docstring")
+    spec = importlib.util.find_spec("divprune_ext.vllm")
+    if spec is None:
+        sys.exit("divprune_ext is not importable: install it in the vLLM environment (see the docstring)")
+    return os.path.dirname(spec.origin)
 
 
 def pytest(tests):

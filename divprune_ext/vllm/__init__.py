@@ -16,9 +16,9 @@ What happens to a request (``divprune_ext/vllm/core.py`` has the details): the p
 ``k = keep_count(n, ratio)`` placeholders per item before the encoder runs; the encoder
 computes all ``n`` tokens; ``torch.ops.divprune.select_varlen`` picks ``k`` on the tokens as
 they enter the LLM (the same picks as ``divprune_ext.hf``), kept in their original order.
-Qwen2-VL / Qwen2.5-VL / Qwen3-VL: kept tokens keep their multimodal RoPE positions (t, h, w) and
-text after an item keeps the positions it has in the unpruned prompt. Gemma 3: each pan-and-scan
-crop is selected apart.
+Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3.5: kept tokens keep their multimodal RoPE positions
+(t, h, w) and text after an item keeps the positions it has in the unpruned prompt. Gemma 3: each
+pan-and-scan crop is selected apart.
 
 Importing this module costs nothing; :func:`register` imports vLLM and checks its version
 (``SUPPORTED_VLLM``). Under any other version it registers nothing and logs a warning naming the
@@ -41,6 +41,8 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2VLForConditionalGeneration": "divprune_ext.vllm.qwen_vl:DivPruneQwen2VL",
     "Qwen2_5_VLForConditionalGeneration": "divprune_ext.vllm.qwen_vl:DivPruneQwen2_5_VL",
     "Qwen3VLForConditionalGeneration": "divprune_ext.vllm.qwen_vl:DivPruneQwen3VL",
+    "Qwen3_5ForConditionalGeneration": "divprune_ext.vllm.qwen3_5:DivPruneQwen3_5",
+    "Qwen3_5MoeForConditionalGeneration": "divprune_ext.vllm.qwen3_5:DivPruneQwen3_5Moe",
 }
 
 

@@ -45,9 +45,9 @@ class DivPruneQwen2_5_VL(QwenVLPruning, Qwen2_5_VLForConditionalGeneration):
     pass
 
 
-@with_pruning_processor
-class DivPruneQwen3VL(QwenVLPruning, Qwen3VLForConditionalGeneration):
-    """Qwen3-VL: images and videos.
+class Qwen3VLPruning(QwenVLPruning):
+    """Qwen3-VL's pruning (:class:`DivPruneQwen3VL`; vLLM's Qwen3.5 class is a Qwen3-VL class too): images
+    and videos.
 
     Deepstack: each row of ``embed_multimodal`` is the merged token (``out_hidden_size`` columns)
     followed by its deepstack features (one block per ``deepstack_visual_indexes`` entry), which
@@ -134,3 +134,8 @@ class DivPruneQwen3VL(QwenVLPruning, Qwen3VLForConditionalGeneration):
                 if token == start:
                     full += [video] * (h * w // merge ** 2)
         return full
+
+
+@with_pruning_processor
+class DivPruneQwen3VL(Qwen3VLPruning, Qwen3VLForConditionalGeneration):
+    """Qwen3-VL: :class:`Qwen3VLPruning` on vLLM's Qwen3-VL class."""

@@ -79,6 +79,9 @@ CACHE_PROMPT = [("image", (56, 56)), TEXT + " " + TEXT]
 CACHE_PROMPTS = {"llava_next": [("image", (16, 16)), TEXT + " " + TEXT],
                  "llava_onevision": [("image", (16, 16)), TEXT + " " + TEXT],
                  "llava_next_video": [("video", (4, 16, 16)), TEXT + " " + TEXT]}
+# Qwen3.5: vLLM makes the KV blocks of a hybrid model as large as its linear-attention state (96 tokens
+# here) and caches prefixes of whole blocks: the prompt must be longer than one
+CACHE_PROMPTS["qwen3_5"] = [("image", (56, 56)), " ".join([TEXT] * 6)]
 UNBATCHED_BASELINE = {"llava_onevision"}
 CACHE_OTHER_RATIO = {"llava_next": 0.51, "llava_onevision": 0.51}  # else 0.52
 BLOCK = 32  # KV-cache block size of the test engines (vLLM's CPU default, 128, exceeds these prompts)
@@ -109,7 +112,8 @@ def mixed(prompts) -> List[dict]:
             for j in range(len(ratios)) for i, p in enumerate(prompts)]
 
 
-MROPE_KINDS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+MROPE_KINDS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"]
+FRAMES_APART = {"qwen3_vl", "qwen3_5"}  # a video is one run of placeholders per frame (Qwen3.5: Qwen3-VL's videos)
 VARIANTS = checkpoints.KINDS + [f"{kind}-replay" for kind in MROPE_KINDS]
 
 
@@ -249,7 +253,7 @@ def test_placeholder_counts(runs, ratio):
 def expected_runs(kind, path, runs_full, ratio) -> List[int]:
     """keep_count per run; Qwen3-VL's video (one a prompt here) is one run per frame unpruned and
     keeps keep_count(all its frames' tokens) in its first frame's run."""
-    if kind != "qwen3_vl":
+    if kind not in FRAMES_APART:
         return [divprune_ext.keep_count(n, ratio) for _, n in runs_full]
     import transformers
     video = transformers.AutoConfig.from_pretrained(path).video_token_id

@@ -2,11 +2,12 @@
 
 - Processor side: an item's replacement keeps, per run of placeholders, the first
   ``kept_per_run`` of them and every other token (Gemma 3's ``<start_of_image>`` /
-  ``<end_of_image>`` and pan-and-scan text; Qwen3-VL videos: every kept token in the first
-  frame's run); what a family does not prune (several runs where it expects one, mixed
+  ``<end_of_image>`` and pan-and-scan text; Qwen3-VL and Qwen3.5 videos: every kept token in the
+  first frame's run); what a family does not prune (several runs where it expects one, mixed
   placeholder ids) raises ``NotImplementedError`` naming it.
 - Model side: each part (:meth:`segments`) is selected apart and equals ``divprune_ext.select``
-  on it; Qwen3-VL selects on the merged tokens and keeps the deepstack columns of the same rows.
+  on it; Qwen3-VL selects on the merged tokens and keeps the deepstack columns of the same rows;
+  Qwen3.5 (no deepstack) selects whole rows, with vLLM's Qwen3.5 processing, not Qwen3-VL's.
 """
 from types import SimpleNamespace
 
@@ -18,6 +19,7 @@ from divprune_ext.vllm import KEY
 from divprune_ext.vllm.core import OFFSET_INTS, _pruning_class, embed_runs
 from divprune_ext.vllm.gemma3 import DivPruneGemma3
 from divprune_ext.vllm.llava import DivPruneLlava
+from divprune_ext.vllm.qwen3_5 import DivPruneQwen3_5, DivPruneQwen3_5Moe
 from divprune_ext.vllm.qwen_vl import DivPruneQwen3VL
 from vllm.model_executor.models.gemma3_mm import Gemma3MultiModalProcessor
 from vllm.model_executor.models.llava import LlavaMultiModalProcessor
@@ -78,10 +80,11 @@ def test_mixed_placeholder_ids_are_refused():
         replaced(proc, [IMG] * 4 + [WORD], 0.5)
 
 
+@pytest.mark.parametrize("model_cls", [DivPruneQwen3VL, DivPruneQwen3_5], ids=["qwen3_vl", "qwen3_5"])
 @pytest.mark.parametrize("ratio, k", [(0.5, 2), (0.75, 3), (0.25, 1)])
-def test_qwen3_vl_video_puts_every_kept_token_in_the_first_frame(ratio, k):
+def test_qwen3_vl_video_puts_every_kept_token_in_the_first_frame(ratio, k, model_cls):
     """One selection over the video's frames; the model fills the whole replacement (from_seq)."""
-    proc = processor(Qwen3VLMultiModalProcessor, DivPruneQwen3VL)
+    proc = processor(Qwen3VLMultiModalProcessor, model_cls)
     frame = [WORD, NL, IMG, IMG, EOI]
     out = replaced(proc, PromptUpdateDetails.select_token_id(frame * 2, IMG), ratio, modality="video")
     assert out.full == [WORD, NL] + [IMG] * k + [EOI, WORD, NL, EOI] and out.is_embed is None
@@ -114,8 +117,8 @@ def test_gemma3_selects_each_crop_apart(ratio):
     assert torch.equal(kept[2], reference_rows(items[2], [16] * 2, ratio))
 
 
-def qwen3_bare(hidden=8, levels=2):
-    model = object.__new__(DivPruneQwen3VL)
+def qwen3_bare(hidden=8, levels=2, cls=DivPruneQwen3VL):
+    model = object.__new__(cls)
     object.__setattr__(model, "visual_dim", hidden)
     object.__setattr__(model, "multiscale_dim", hidden * levels)
     object.__setattr__(model, "config", SimpleNamespace(vision_config=SimpleNamespace(spatial_merge_size=2)))
@@ -137,3 +140,27 @@ def test_qwen3_vl_selects_on_merged_tokens_and_keeps_their_deepstack_rows(ratio)
     offsets = kept[:, 24:].contiguous().view(torch.int32)
     assert offsets[:, :3].tolist() == [[0, int(p) // 6, int(p) % 6] for p in picks]
     assert model.embedding_width() == 24
+
+
+@pytest.mark.parametrize("cls", [DivPruneQwen3_5, DivPruneQwen3_5Moe], ids=["qwen3_5", "qwen3_5_moe"])
+@pytest.mark.parametrize("ratio", [0.5, 0.1])
+def test_qwen3_5_rows_are_the_merged_tokens_alone(cls, ratio):
+    """Qwen3.5's vision tower has no deepstack (vLLM sets multiscale_dim 0): a row is the merged
+    token, selected whole, with its offsets after it."""
+    model = qwen3_bare(levels=0, cls=cls)
+    torch.manual_seed(2)
+    item = torch.randn(24, 8)
+    kept = model._prune([item], [ratio], "image", {"image_grid_thw": torch.tensor([[1, 8, 12]])})[0]
+    assert kept.shape[1] == 8 + OFFSET_INTS and model.embedding_width() == 8
+    assert torch.equal(kept[:, :8], reference_rows(item, [24], ratio))
+
+
+@pytest.mark.parametrize("cls", [DivPruneQwen3_5, DivPruneQwen3_5Moe], ids=["qwen3_5", "qwen3_5_moe"])
+def test_qwen3_5_takes_vllms_qwen3_5_processing(cls):
+    """The plugin's processor wraps the one vLLM registers for its Qwen3.5 class (its info reads a
+    Qwen3.5 config), not Qwen3-VL's, whose pruning code it shares."""
+    vllm_cls = next(c for c in cls.__mro__[1:] if "_processor_factory" in c.__dict__)
+    assert vllm_cls.__name__ == cls.__name__.replace("DivPrune", "") + "ForConditionalGeneration"
+    assert cls._processor_factory.info is vllm_cls._processor_factory.info
+    assert cls._processor_factory.dummy_inputs is vllm_cls._processor_factory.dummy_inputs
+    assert cls._processor_factory.info is not DivPruneQwen3VL._processor_factory.info

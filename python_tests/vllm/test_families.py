@@ -80,8 +80,8 @@ CACHE_PROMPTS = {"llava_next": [("image", (16, 16)), TEXT + " " + TEXT],
                  "llava_onevision": [("image", (16, 16)), TEXT + " " + TEXT],
                  "llava_next_video": [("video", (4, 16, 16)), TEXT + " " + TEXT]}
 # Qwen3.5: vLLM makes the KV blocks of a hybrid model as large as its linear-attention state (96 tokens
-# here) and caches prefixes of whole blocks: the prompt must be longer than one
-CACHE_PROMPTS["qwen3_5"] = [("image", (56, 56)), " ".join([TEXT] * 6)]
+# here) and caches prefixes of whole blocks: the prompt must be longer than one (this one: 119 tokens)
+CACHE_PROMPTS["qwen3_5"] = [("image", (56, 56)), " ".join([TEXT] * 24)]
 UNBATCHED_BASELINE = {"llava_onevision"}
 CACHE_OTHER_RATIO = {"llava_next": 0.51, "llava_onevision": 0.51}  # else 0.52
 BLOCK = 32  # KV-cache block size of the test engines (vLLM's CPU default, 128, exceeds these prompts)

@@ -93,10 +93,16 @@ def test_qwen3_5_follows_vllm_0_34s_module_where_it_exists(monkeypatch):
     import types
 
     import vllm.model_executor.models.qwen3_5 as current
+    from divprune_ext.vllm.core import MRoPEPruning
+    try:  # vLLM 0.34: the classes its vllm.models.qwen3_5 gives on CUDA (they import on the CPU too)
+        from vllm.models.qwen3_5.nvidia import model as cuda
+    except ImportError:  # before 0.34: stand-ins
+        cuda = None
     module = types.ModuleType("vllm.models.qwen3_5")  # stands for 0.34's module on CUDA
     module.__spec__ = importlib.machinery.ModuleSpec(module.__name__, None)
     for name in ("Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration"):
-        setattr(module, name, type(name, (getattr(current, name),), {"__module__": module.__name__}))
+        setattr(module, name, getattr(cuda, name) if cuda is not None else
+                type(name, (getattr(current, name),), {"__module__": module.__name__}))
     monkeypatch.setitem(__import__("sys").modules, module.__name__, module)
     path = os.path.join(os.path.dirname(divprune_ext.vllm.__file__), "qwen3_5.py")
     spec = importlib.util.spec_from_file_location("divprune_ext.vllm.qwen3_5_again", path)  # a fresh copy
@@ -104,3 +110,6 @@ def test_qwen3_5_follows_vllm_0_34s_module_where_it_exists(monkeypatch):
     spec.loader.exec_module(plugin)
     assert module.Qwen3_5ForConditionalGeneration in plugin.DivPruneQwen3_5.__mro__
     assert module.Qwen3_5MoeForConditionalGeneration in plugin.DivPruneQwen3_5Moe.__mro__
+    for cls in (plugin.DivPruneQwen3_5, plugin.DivPruneQwen3_5Moe):  # the position code runs first there too
+        for method in ("forward", "embed_input_ids", "get_mrope_input_positions", "embed_multimodal"):
+            assert getattr(cls, method) is getattr(MRoPEPruning, method), (cls, method)

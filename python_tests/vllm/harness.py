@@ -101,7 +101,8 @@ _MODELS: Dict[str, Any] = {}
 def hf_model(path: str):
     import transformers
     if path not in _MODELS:
-        model = getattr(transformers, architecture(path)).from_pretrained(path, dtype=getattr(torch, dtype(path))).eval()
+        cls = getattr(transformers, architecture(path))
+        model = cls.from_pretrained(path, dtype=getattr(torch, dtype(path))).eval()
         _MODELS[path] = (model, transformers.AutoProcessor.from_pretrained(path))
     return _MODELS[path]
 

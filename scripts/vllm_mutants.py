@@ -10,6 +10,9 @@ Each mutant changes one line of the plugin that the vLLM tests import (the copy 
 the one PYTHONPATH puts first, which may be the source tree) and runs the vLLM tests that must
 catch it; the file is restored afterwards. Run it after the environment is
 set up (minutes per mutant: each runs engines):
+installs in the vLLM test environment, or the copy PYTHONPATH puts first: that one is the source
+tree if it links there) and runs the vLLM tests that must catch it; the file is restored
+afterwards. Run it after the environment is set up (minutes per mutant: each runs engines):
 
     DIVPRUNE_VLLM_SETUP_ONLY=1 bash scripts/vllm_env.sh
     .venv-vllm/bin/python -P scripts/vllm_mutants.py [names...]
@@ -65,6 +68,9 @@ GLM4V = ["python_tests/vllm/test_placeholders.py", "python_tests/vllm/test_famil
          "glm4v and (pruned or placeholder or two_items)"]
 QWEN3_MOE = ["python_tests/vllm/test_placeholders.py", "python_tests/vllm/test_families.py", "-k",
              "qwen3_vl_moe and (pruned or placeholder or deepstack)"]
+# Qwen3.5 (qwen3_5.py: which vLLM class, which pruning code): the tests without an engine
+QWEN3_5 = ["python_tests/vllm/test_loading.py", "python_tests/vllm/test_placeholders.py",
+           "python_tests/vllm/test_positions.py", "-k", "qwen3_5 or sits_on or before_vllms"]
 
 MUTANTS = [
     Mutant("wrong-k-placeholders", "core.py", "out += ids[cursor:start] + [token] * k",
@@ -174,6 +180,24 @@ MUTANTS = [
     Mutant("glm4v-frames-one-run", "glm4v.py", "PlaceholderRange(offset, length, is_embed=is_embed)",
            "PlaceholderRange(offset, length, is_embed=None)",
            "GLM-4.1V video: positions as if its frames were one run (no text between them)", GLM4V),
+    Mutant("qwen3_5-always-the-0.32-module", "qwen3_5.py",
+           'importlib.util.find_spec("vllm.models.qwen3_5") is not None', "False",
+           "Qwen3.5: vLLM 0.34's CUDA class (vllm.models.qwen3_5) not followed", QWEN3_5),
+    Mutant("qwen3_5-vllm-class-first", "qwen3_5.py",
+           "class DivPruneQwen3_5(Qwen3VLPruning, _vllm.Qwen3_5ForConditionalGeneration):",
+           "class DivPruneQwen3_5(_vllm.Qwen3_5ForConditionalGeneration, Qwen3VLPruning):",
+           "Qwen3.5: vLLM's forward / positions run instead of the plugin's", QWEN3_5),
+    Mutant("qwen3_5-moe-on-the-dense-class", "qwen3_5.py",
+           "class DivPruneQwen3_5Moe(Qwen3VLPruning, _vllm.Qwen3_5MoeForConditionalGeneration):",
+           "class DivPruneQwen3_5Moe(Qwen3VLPruning, _vllm.Qwen3_5ForConditionalGeneration):",
+           "Qwen3.5-MoE served by the dense class", QWEN3_5),
+    Mutant("qwen3_5-videos-as-qwen2-vl", "qwen3_5.py", "from .qwen_vl import Qwen3VLPruning",
+           "from .qwen_vl import QwenVLPruning as Qwen3VLPruning",
+           "Qwen3.5: Qwen2-VL's pruning (no per-frame video runs)", QWEN3_5),
+    Mutant("qwen3_5-qwen3-vl-processing", "qwen3_5.py", "from .qwen_vl import Qwen3VLPruning",
+           "from .qwen_vl import DivPruneQwen3VL as Qwen3VLPruning",
+           "Qwen3.5: the plugin's Qwen3-VL class (its processor, info for a Qwen3-VL config) as the base",
+           QWEN3_5),
 ]
 
 
@@ -186,6 +210,12 @@ def installed_plugin() -> str:
     spec = importlib.util.find_spec("divprune_ext.vllm")
     if spec is None:
         sys.exit("run with the vLLM environment's python (divprune_ext installed there): see the docstring")
+    """The plugin folder the tests import: the installed copy, or the one PYTHONPATH puts first."""
+    if importlib.util.find_spec("vllm") is None:
+        sys.exit("run with the vLLM environment's python: see the docstring")
+    spec = importlib.util.find_spec("divprune_ext.vllm")
+    if spec is None:
+        sys.exit("divprune_ext is not importable: install it in the vLLM environment (see the docstring)")
     return os.path.dirname(spec.origin)
 
 

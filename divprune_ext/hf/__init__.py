@@ -20,8 +20,8 @@ What comes back, per family (``SUPPORTED_MODELS`` lists the classes):
   ``mm_encoder_outputs`` + ``token_type_ids``, contiguous positions; ``generate()``
   returns the pruned prompt followed by the new tokens.
 - Gemma 4 (``hf/gemma4.py``, transformers >= 5.18): as Gemma 3, with ``mm_token_type_ids``.
-- Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE and GLM-4.1V (``hf/qwen_vl.py``): the original multimodal RoPE
-  positions as ``position_ids``; see that module for what each returns.
+- Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, GLM-4.1V, Qwen3.5 and Qwen3.5-MoE (``hf/qwen_vl.py``):
+  the original multimodal RoPE positions as ``position_ids``; see that module for what each returns.
 
 ``attention_mask`` and any ``labels``, ``token_type_ids``, ``mm_token_type_ids`` passed in
 come back shortened with the tokens and re-padded on the side the input was padded, so

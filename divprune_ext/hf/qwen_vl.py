@@ -1,11 +1,12 @@
-"""Adapters for Qwen2-VL, Qwen2.5-VL, Qwen3-VL (and -MoE) and GLM-4.1V: images and videos, any number
-per prompt.
+"""Adapters for Qwen2-VL, Qwen2.5-VL, Qwen3-VL (and -MoE), GLM-4.1V and Qwen3.5 (and -MoE): images and
+videos, any number per prompt.
 
 Classes: ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``
 (transformers 5.17 and newer), ``Qwen3VLForConditionalGeneration`` and its mixture-of-experts
 variant ``Qwen3VLMoeForConditionalGeneration`` (5.18 and newer; the same vision and multimodal
 code, only the LLM's MLP differs), and ``Glm4vForConditionalGeneration`` (GLM-4.1V, which
-follows Qwen2-VL's scheme; see :class:`Glm4v` for its differences).
+follows Qwen2-VL's scheme; see :class:`Glm4v` for its differences), ``Qwen3_5ForConditionalGeneration``
+and ``Qwen3_5MoeForConditionalGeneration`` (Qwen3.5; see :class:`Qwen3_5`).
 Pass what the processor returns (``input_ids``, ``attention_mask``, ``pixel_values``,
 ``image_grid_thw``, ``pixel_values_videos``, ``video_grid_thw``, ``mm_token_type_ids``, and
 for Qwen2.5-VL ``second_per_grid_ts``)::
@@ -57,7 +58,7 @@ the version.
 
 What ``generate()`` returns
 ---------------------------
-Qwen2-VL and Qwen2.5-VL get ``inputs_embeds`` (+ ``attention_mask``, ``position_ids``):
+Qwen2-VL, Qwen2.5-VL and Qwen3.5 get ``inputs_embeds`` (+ ``attention_mask``, ``position_ids``):
 ``generate()`` returns only the new tokens. Qwen3-VL gets pruned ``input_ids``
 (+ ``attention_mask``, ``position_ids``, ``mm_encoder_outputs``): ``generate()`` returns the
 pruned prompt followed by the new tokens (``out[:, pruned["input_ids"].shape[1]:]`` are the
@@ -279,3 +280,25 @@ class Glm4v(_QwenVL):
             raise ValueError(f"mm_token_type_ids must be 1 or 2 exactly at the image tokens (id "
                              f"{model.config.image_token_id}) of input_ids")
         return given
+
+
+@register
+class Qwen3_5(_QwenVL):
+    """Qwen3.5 (``Qwen3_5ForConditionalGeneration``, ``Qwen3_5MoeForConditionalGeneration``): natively
+    multimodal, its vision tower Qwen3-VL's without deepstack.
+
+    - Prompts and positions are Qwen3-VL's: each video frame is its own placeholder run after its
+      timestamp, and the rope index (``get_rope_index``, the same as Qwen3-VL's) places each frame as
+      a one-frame grid after the text before it.
+    - The LLM interleaves Gated-DeltaNet (linear attention) layers with full-attention layers; only
+      the latter read positions. A linear-attention layer reads the tokens in order, so a kept
+      token's place in the pruned sequence matters there, while its position is the original.
+    - No deepstack: the kept merged features go in as ``inputs_embeds``, as for Qwen2-VL (no
+      ``mm_encoder_outputs``, so no minimum transformers version beyond the one that has the class).
+      ``generate()`` builds 4-row positions itself (a text row for the masks, then (t, h, w)); the
+      adapter returns the three (t, h, w) rows, which the LLM takes as they are (with an attention
+      mask the text row is not needed).
+    The MoE variant differs in the LLM's MLP only.
+    """
+    models = ("Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration")
+    frames_apart = True

@@ -52,7 +52,7 @@ __all__ = ["KINDS", "SEED", "INIT", "build", "tokenizer", "rename_weights", "REN
 SEED = 0
 INIT = 0.3
 KINDS = ["llava", "qwen2_vl", "qwen2_5_vl", "llava_next", "llava_next_video", "llava_onevision", "gemma3",
-         "qwen3_vl", "gemma4", "internvl", "mistral3", "qwen3_vl_moe", "glm4v"]
+         "qwen3_vl", "gemma4", "internvl", "mistral3", "qwen3_vl_moe", "glm4v", "qwen3_5"]
 LLAVA_SIDE, LLAVA_PATCH = 56, 14
 # LLaVA-NeXT / NeXT-Video / OneVision: 16x16 tiles in 4x4 patches (16 tokens a tile; a video frame
 # pools to 2x2); anyres over 1x2, 2x1 and 2x2 tiles. vLLM's NeXT-Video pooler divides by
@@ -287,6 +287,42 @@ def _qwen(kind: str) -> Tuple[torch.nn.Module, object]:
     return model, processor
 
 
+def _qwen3_5(moe: bool = False) -> Tuple[torch.nn.Module, object]:
+    """Qwen3.5 (and -MoE): Qwen3-VL's processor, tokenizer and vision tower without deepstack; the LLM
+    a Gated-DeltaNet (linear attention) layer, then a full-attention layer. vLLM's CPU path runs the
+    linear attention in bfloat16 only, with head dims 64 or 128: 64 here, one key head, two value heads.
+    The tests run it in bfloat16 in vLLM and in transformers (``harness.DTYPES``)."""
+    import torch
+    import transformers
+    _, processor = _qwen("qwen3_vl")  # Qwen3.5's checkpoints ship Qwen3VLProcessor
+    torch.manual_seed(SEED)  # the weights do not depend on what that built
+    tok = processor.tokenizer
+    ids = dict(image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+               video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+               vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+               vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"))
+    # the whole head rotates (Qwen3.5's default rotates a quarter): interleaved M-RoPE over all 32 dims
+    rope = {"rope_type": "default", "mrope_section": [8, 4, 4], "rope_theta": 10000.0, "mrope_interleaved": True,
+            "partial_rotary_factor": 1.0}
+    text = _text(len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                 head_dim=32, rope_parameters=rope, partial_rotary_factor=1.0,
+                 layer_types=["linear_attention", "full_attention"],
+                 linear_num_key_heads=1, linear_num_value_heads=2, linear_key_head_dim=64, linear_value_head_dim=64)
+    vision = dict(depth=2, num_heads=2, patch_size=QWEN3_PATCH, spatial_merge_size=2, temporal_patch_size=2,
+                  hidden_size=64, intermediate_size=128, out_hidden_size=64, num_position_embeddings=64,
+                  initializer_range=INIT)
+    if not moe:
+        model = transformers.Qwen3_5ForConditionalGeneration(
+            transformers.Qwen3_5Config(text_config=text, vision_config=vision, **ids))
+    else:  # the text MLP: 4 experts, 2 a token, and a shared expert
+        text.update(moe_intermediate_size=64, shared_expert_intermediate_size=64, num_experts=4, num_experts_per_tok=2)
+        model = transformers.Qwen3_5MoeForConditionalGeneration(
+            transformers.Qwen3_5MoeConfig(text_config=text, vision_config=vision, **ids))
+    # Both engines run it in bfloat16: sharper attention (q / k norms scaled up) would make the greedy tokens
+    # depend more on the images, but also lets bf16 rounding flip near-tied tokens between vLLM and transformers.
+    return model, processor
+
+
 def _gemma3() -> Tuple[torch.nn.Module, object]:
     import torch
     import transformers
@@ -450,6 +486,7 @@ BUILDERS: Dict[str, Callable[[], Tuple[torch.nn.Module, object]]] = {
     "mistral3": _mistral3,
     "qwen3_vl_moe": lambda: _qwen("qwen3_vl_moe"),
     "glm4v": _glm4v,
+    "qwen3_5": _qwen3_5,
 }
 
 

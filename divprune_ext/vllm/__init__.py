@@ -20,6 +20,9 @@ Qwen2-VL / Qwen2.5-VL / Qwen3-VL: kept tokens keep their multimodal RoPE positio
 text after an item keeps the positions it has in the unpruned prompt. Gemma 3: each pan-and-scan
 crop is selected apart. InternVL: each video frame is selected apart (an image: all its tiles
 together). Mistral 3: an image's rows are selected together, its row breaks stay.
+Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3.5: kept tokens keep their multimodal RoPE positions
+(t, h, w) and text after an item keeps the positions it has in the unpruned prompt. Gemma 3: each
+pan-and-scan crop is selected apart.
 
 Importing this module costs nothing; :func:`register` imports vLLM and checks its version
 (``SUPPORTED_VLLM``). Under any other version it registers nothing and logs a warning naming the
@@ -47,6 +50,8 @@ SUPPORTED_ARCHITECTURES = {
     "Mistral3ForConditionalGeneration": "divprune_ext.vllm.mistral3:DivPruneMistral3",
     "Qwen3VLMoeForConditionalGeneration": "divprune_ext.vllm.qwen_vl:DivPruneQwen3VLMoe",
     "Glm4vForConditionalGeneration": "divprune_ext.vllm.glm4v:DivPruneGlm4v",
+    "Qwen3_5ForConditionalGeneration": "divprune_ext.vllm.qwen3_5:DivPruneQwen3_5",
+    "Qwen3_5MoeForConditionalGeneration": "divprune_ext.vllm.qwen3_5:DivPruneQwen3_5Moe",
 }
 
 

@@ -47,7 +47,8 @@ class DivPruneQwen2_5_VL(QwenVLPruning, Qwen2_5_VLForConditionalGeneration):
 
 
 class Qwen3VLPruning(QwenVLPruning):
-    """Qwen3-VL: images and videos.
+    """Qwen3-VL's pruning (:class:`DivPruneQwen3VL`, :class:`DivPruneQwen3VLMoe`; vLLM's Qwen3.5 classes
+    are Qwen3-VL classes too, ``qwen3_5.py``): images and videos.
 
     Deepstack: each row of ``embed_multimodal`` is the merged token (``out_hidden_size`` columns)
     followed by its deepstack features (one block per ``deepstack_visual_indexes`` entry), which

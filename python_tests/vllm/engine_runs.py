@@ -145,8 +145,8 @@ def run(spec):
 
     path = spec["path"]
     settings = harness.processor_kwargs(path)  # the family's processor settings, as transformers gets them
-    llm = LLM(model=path, **{**harness.ENGINE, **({"mm_processor_kwargs": settings} if settings else {}),
-                             **spec.get("engine", {})})
+    llm = LLM(model=path, **{**harness.ENGINE, "dtype": harness.dtype(path),
+                             **({"mm_processor_kwargs": settings} if settings else {}), **spec.get("engine", {})})
     params = SamplingParams(temperature=0, max_tokens=harness.MAX_NEW_TOKENS, ignore_eos=True)
     out = {}
     if spec.get("replay_positions"):

@@ -86,13 +86,23 @@ def processor_kwargs(path: str) -> Dict[str, Any]:
     return dict(PROCESSOR_KWARGS.get(architecture(path), {}))
 
 
+# The dtype both engines run in, by architecture (else ENGINE's float32): vLLM's CPU Gated-DeltaNet
+# layers (Qwen3.5) run in bfloat16 only ("CPU GDN attention requires BF16").
+DTYPES = {"Qwen3_5ForConditionalGeneration": "bfloat16", "Qwen3_5MoeForConditionalGeneration": "bfloat16"}
+
+
+def dtype(path: str) -> str:
+    return DTYPES.get(architecture(path), ENGINE["dtype"])
+
+
 _MODELS: Dict[str, Any] = {}
 
 
 def hf_model(path: str):
     import transformers
     if path not in _MODELS:
-        model = getattr(transformers, architecture(path)).from_pretrained(path, dtype=torch.float32).eval()
+        cls = getattr(transformers, architecture(path))
+        model = cls.from_pretrained(path, dtype=getattr(torch, dtype(path))).eval()
         _MODELS[path] = (model, transformers.AutoProcessor.from_pretrained(path))
     return _MODELS[path]
 

@@ -114,6 +114,9 @@ CACHE_PROMPTS = {"llava_next": [("image", (16, 16)), TEXT + " " + TEXT],
                  "llava_onevision": [("image", (16, 16)), TEXT + " " + TEXT],
                  "llava_next_video": [("video", (4, 16, 16)), TEXT + " " + TEXT]}
 CACHE_PROMPTS["glm4v"] = [("image", (112, 112)), TEXT + " " + TEXT]  # 16 tokens (a 56 x 56 image: 9)
+# Qwen3.5: vLLM makes the KV blocks of a hybrid model as large as its linear-attention state (96 tokens
+# here) and caches prefixes of whole blocks: the prompt must be longer than one (this one: 119 tokens)
+CACHE_PROMPTS["qwen3_5"] = [("image", (56, 56)), " ".join([TEXT] * 24)]
 UNBATCHED_BASELINE = {"llava_onevision"}
 CACHE_OTHER_RATIO = {"llava_next": 0.51, "llava_onevision": 0.51, "gemma4": 0.505}  # else 0.52 (Gemma 4: 64 tokens)
 BLOCK = 32  # KV-cache block size of the test engines (vLLM's CPU default, 128, exceeds these prompts)
@@ -144,7 +147,9 @@ def mixed(prompts) -> List[dict]:
             for j in range(len(ratios)) for i, p in enumerate(prompts)]
 
 
-MROPE_KINDS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v"]
+MROPE_KINDS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "qwen3_5"]
+# a video is one run of placeholders per frame, all kept tokens in the first one
+FRAMES_APART = {"qwen3_vl", "qwen3_vl_moe", "qwen3_5", "gemma4", "glm4v"}
 VARIANTS = checkpoints.KINDS + [f"{kind}-replay" for kind in MROPE_KINDS]
 
 
@@ -301,9 +306,9 @@ def image_sizes(path, ids) -> List[int]:
 
 
 def expected_runs(kind, path, runs_full, ratio, full_ids) -> List[int]:
-    """keep_count per run; Qwen3-VL's, Gemma 4's and GLM-4.1V's video (one a prompt here) is one run
+    """keep_count per run; the video (one a prompt here) of Qwen3-VL (-MoE), Qwen3.5, Gemma 4 and GLM-4.1V is one run
     per frame unpruned and keeps keep_count(all its frames' tokens) in its first frame's run."""
-    if kind not in ("qwen3_vl", "qwen3_vl_moe", "glm4v", "gemma4"):
+    if kind not in FRAMES_APART:
         return [divprune_ext.keep_count(n, ratio) for _, n in runs_full]
     import transformers
     config = transformers.AutoConfig.from_pretrained(path)

@@ -1,4 +1,5 @@
-"""How vLLM loads the plugin: its entry point, the architectures it registers, the version gate.
+"""How vLLM loads the plugin: its entry point, the architectures it registers (each on the class vLLM
+would serve), the version gate.
 
 Each check runs in a fresh interpreter: vLLM loads general plugins once per process."""
 import subprocess
@@ -98,3 +99,49 @@ def test_engine_start_refuses_what_the_plugin_cannot_serve(setting, value, messa
     check_model_config(engine_config(**{setting: not value if isinstance(value, bool) else 0.5}))
     with pytest.raises(ValueError, match=message):
         check_model_config(engine_config(**{setting: value}))
+
+def test_each_plugin_class_sits_on_the_class_vllm_serves_unpatched():
+    """Each architecture's plugin class subclasses the very class vLLM's registry loads without the
+    plugin (vLLM 0.34 serves Qwen3.5 from a per-platform module: the plugin must follow it)."""
+    code = ("from vllm import ModelRegistry\n"
+            "from vllm.plugins import load_general_plugins\n"
+            "architectures = %r\n"
+            "plain = [ModelRegistry._try_load_model_cls(a) for a in architectures]\n"
+            "load_general_plugins()\n"
+            "ours = [ModelRegistry._try_load_model_cls(a) for a in architectures]\n"
+            "print([o is not p and issubclass(o, p) and not p.__module__.startswith('divprune_ext') "
+            "for o, p in zip(ours, plain)])" % sorted(divprune_ext.vllm.SUPPORTED_ARCHITECTURES))
+    done = run(code)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == str([True] * len(divprune_ext.vllm.SUPPORTED_ARCHITECTURES))
+
+
+def test_qwen3_5_follows_vllm_0_34s_module_where_it_exists(monkeypatch):
+    """vLLM 0.34's registry names ``vllm.models.qwen3_5`` for Qwen3.5, which gives other classes on
+    CUDA (new code) than elsewhere: where that module exists, the plugin subclasses what it gives."""
+    import importlib.machinery
+    import importlib.util
+    import os
+    import types
+
+    import vllm.model_executor.models.qwen3_5 as current
+    from divprune_ext.vllm.core import MRoPEPruning
+    try:  # vLLM 0.34: the classes its vllm.models.qwen3_5 gives on CUDA (they import on the CPU too)
+        from vllm.models.qwen3_5.nvidia import model as cuda
+    except ImportError:  # before 0.34: stand-ins
+        cuda = None
+    module = types.ModuleType("vllm.models.qwen3_5")  # stands for 0.34's module on CUDA
+    module.__spec__ = importlib.machinery.ModuleSpec(module.__name__, None)
+    for name in ("Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration"):
+        setattr(module, name, getattr(cuda, name) if cuda is not None else
+                type(name, (getattr(current, name),), {"__module__": module.__name__}))
+    monkeypatch.setitem(__import__("sys").modules, module.__name__, module)
+    path = os.path.join(os.path.dirname(divprune_ext.vllm.__file__), "qwen3_5.py")
+    spec = importlib.util.spec_from_file_location("divprune_ext.vllm.qwen3_5_again", path)  # a fresh copy
+    plugin = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plugin)
+    assert module.Qwen3_5ForConditionalGeneration in plugin.DivPruneQwen3_5.__mro__
+    assert module.Qwen3_5MoeForConditionalGeneration in plugin.DivPruneQwen3_5Moe.__mro__
+    for cls in (plugin.DivPruneQwen3_5, plugin.DivPruneQwen3_5Moe):  # the position code runs first there too
+        for method in ("forward", "embed_input_ids", "get_mrope_input_positions", "embed_multimodal"):
+            assert getattr(cls, method) is getattr(MRoPEPruning, method), (cls, method)

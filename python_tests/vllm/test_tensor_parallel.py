@@ -28,8 +28,10 @@ def tp_runs(request, tmp_path_factory):
     jobs = {f"r{r}": {"requests": requests(prompts, r)} for r in (0.25, 0.1)}
     jobs["mixed"] = {"requests": mixed(prompts)}
     engine = dict(tensor_parallel_size=2, limit_mm_per_prompt={"image": 2, "video": 1}, **KINDS[kind])
-    # vLLM's CPU workers each bind their OpenMP threads to their own core(s)
-    env = {"VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "0|1")}
+    # vLLM's CPU workers each bind their OpenMP threads to their own core(s); a binding without "|" (the
+    # one core scripts/vllm_env.sh gives each test process) is for one worker
+    bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "")
+    env = {"VLLM_CPU_OMP_THREADS_BIND": bind if "|" in bind else "0|1"}
     return kind, path, prompts, harness.run_engine({"path": path, "engine": engine, "jobs": jobs}, str(workdir),
                                                    env=env)
 

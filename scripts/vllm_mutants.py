@@ -153,7 +153,7 @@ MUTANTS = [
     Mutant("internvl-frames-share-k", "internvl.py", "return [divprune_ext.keep_count(n, ratio) for n in lengths]",
            "return [divprune_ext.keep_count(sum(lengths), ratio)] + [0] * (len(lengths) - 1)",
            "InternVL video: one k for all frames, kept in the first frame's span", INTERNVL),
-    Mutant("mistral3-rows-apart", "mistral3.py", "return list(lengths) if k == sum(lengths) else [k] + [0] * (len(lengths) - 1)",
+    Mutant("mistral3-rows-apart", "mistral3.py", "return kept_in_first_run(lengths, ratio)",
            "return [divprune_ext.keep_count(n, ratio) for n in lengths]",
            "Mistral 3: each row of an image selected apart", MISTRAL3),
     Mutant("mistral3-grid-transposed", "mistral3.py", "return int(height) // side, int(width) // side",

@@ -446,6 +446,31 @@ class PruningModel:
         return item.index_select(0, picks.to(item.device))
 
 
+def kept_in_first_run(lengths: List[int], ratio: float) -> List[int]:
+    """One selection over all the runs of an item (``keep_count`` of their sum), every kept placeholder
+    in the first run (how many each run keeps is known only after the encoder); as they are if
+    nothing is pruned."""
+    k = divprune_ext.keep_count(sum(lengths), ratio)
+    return list(lengths) if k == sum(lengths) else [k] + [0] * (len(lengths) - 1)
+
+
+class WholeVideoSpans:
+    """Mixin put before :class:`PruningModel` (or its subclass) in a family whose videos are frames
+    split by text (timestamps, markers) and selected together: a pruned video's placeholders all sit in
+    its first frame's run and the model fills its whole replacement (the family's ``_kept`` writes the
+    layout, text rows included), as vLLM's own video pruning does."""
+
+    @classmethod
+    def kept_per_run(cls, modality, lengths, ratio, family):
+        if modality == "video":
+            return kept_in_first_run(lengths, ratio)
+        return super().kept_per_run(modality, lengths, ratio, family)
+
+    @classmethod
+    def embeds_whole_span(cls, modality):
+        return modality == "video"
+
+
 def encoder_groups(tokens: Sequence[int], limit: int) -> List[tuple]:
     """Consecutive ``(start, end)`` groups of items (``tokens``: each item's ``n``) of at most
     ``limit`` tokens each; an item larger than ``limit`` is a group alone; ``limit`` 0: one group."""

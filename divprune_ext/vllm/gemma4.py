@@ -42,10 +42,8 @@ from vllm.model_executor.models.gemma4_mm import (Gemma4DummyInputsBuilder, Gemm
                                                   Gemma4MultiModalProcessor, Gemma4ProcessingInfo)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-import divprune_ext
-
 from . import KEY
-from .core import PruningModel, with_pruning_processor
+from .core import PruningModel, WholeVideoSpans, with_pruning_processor
 
 # Each row of a pruned video carries the id of its token for the per-layer inputs as int32 bits
 # (id, 0): 8 bytes, whole columns in float32 (2), bf16 / fp16 (4) and float64 (1).
@@ -79,23 +77,12 @@ class Gemma4VideoRatioCheck(Gemma4MultiModalProcessor):
 @with_pruning_processor
 @MULTIMODAL_REGISTRY.register_processor(Gemma4VideoRatioCheck, info=Gemma4ProcessingInfo,
                                         dummy_inputs=Gemma4DummyInputsBuilder)
-class DivPruneGemma4(PruningModel, Gemma4ForConditionalGeneration):
+class DivPruneGemma4(WholeVideoSpans, PruningModel, Gemma4ForConditionalGeneration):
     def __init__(self, *, vllm_config, prefix: str = ""):
         from vllm.tokenizers.registry import cached_tokenizer_from_config
 
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self._tokenizer = cached_tokenizer_from_config(vllm_config.model_config)  # a video's timestamps
-
-    @classmethod
-    def kept_per_run(cls, modality, lengths, ratio, family):
-        if modality == "video":  # one selection over all frames; the first frame's run holds every kept token
-            k = divprune_ext.keep_count(sum(lengths), ratio)
-            return list(lengths) if k == sum(lengths) else [k] + [0] * (len(lengths) - 1)
-        return super().kept_per_run(modality, lengths, ratio, family)
-
-    @classmethod
-    def embeds_whole_span(cls, modality):
-        return modality == "video"
 
     @staticmethod
     def _per_video(kwargs, key, index) -> list:

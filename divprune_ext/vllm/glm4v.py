@@ -28,9 +28,7 @@ from types import SimpleNamespace
 import torch
 from vllm.model_executor.models.glm4_1v import Glm4vForConditionalGeneration
 
-import divprune_ext
-
-from .core import with_offsets, with_pruning_processor
+from .core import WholeVideoSpans, with_offsets, with_pruning_processor
 from .qwen_vl import QwenVLPruning
 
 TEXT_FIELD = "divprune_video_text"  # per video: its replacement without the frames' placeholders
@@ -66,21 +64,10 @@ class VideoText:
 
 
 @with_pruning_processor
-class DivPruneGlm4v(QwenVLPruning, Glm4vForConditionalGeneration):
+class DivPruneGlm4v(WholeVideoSpans, QwenVLPruning, Glm4vForConditionalGeneration):
     """GLM-4.1V: images and videos (see the module docstring)."""
 
     processor_mixin = VideoText
-
-    @classmethod
-    def kept_per_run(cls, modality, lengths, ratio, family):
-        if modality == "video":  # one selection over all frames; the first frame's run holds every kept token
-            k = divprune_ext.keep_count(sum(lengths), ratio)
-            return list(lengths) if k == sum(lengths) else [k] + [0] * (len(lengths) - 1)
-        return super().kept_per_run(modality, lengths, ratio, family)
-
-    @classmethod
-    def embeds_whole_span(cls, modality):
-        return modality == "video"
 
     def vllm_positions(self, input_tokens, mm_features):
         # vLLM's GLM positions read each item's runs of placeholders (is_embed): give them from the tokens

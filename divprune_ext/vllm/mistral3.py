@@ -33,9 +33,7 @@ from transformers import PixtralProcessor
 from vllm.model_executor.models.mistral3 import Mistral3ForConditionalGeneration
 from vllm.transformers_utils.processor import cached_processor_from_config
 
-import divprune_ext
-
-from .core import PruningModel, with_pruning_processor
+from .core import PruningModel, kept_in_first_run, with_pruning_processor
 
 
 @with_pruning_processor
@@ -56,8 +54,7 @@ class DivPruneMistral3(PruningModel, Mistral3ForConditionalGeneration):
     @classmethod
     def kept_per_run(cls, modality: str, lengths: List[int], ratio: float, family: str) -> List[int]:
         # one selection over the image's rows; the first row's run holds every kept token
-        k = divprune_ext.keep_count(sum(lengths), ratio)
-        return list(lengths) if k == sum(lengths) else [k] + [0] * (len(lengths) - 1)
+        return kept_in_first_run(lengths, ratio)
 
     @classmethod
     def embeds_whole_span(cls, modality: str) -> bool:

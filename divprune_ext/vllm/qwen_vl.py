@@ -14,9 +14,7 @@ from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration
 from vllm.model_executor.models.qwen3_vl import Qwen3VLForConditionalGeneration, Qwen3VLMultiModalProcessor
 from vllm.model_executor.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration
 
-import divprune_ext
-
-from .core import MRoPEPruning, with_offsets, with_pruning_processor
+from .core import MRoPEPruning, WholeVideoSpans, with_offsets, with_pruning_processor
 
 
 class QwenVLPruning(MRoPEPruning):
@@ -46,7 +44,7 @@ class DivPruneQwen2_5_VL(QwenVLPruning, Qwen2_5_VLForConditionalGeneration):
     pass
 
 
-class Qwen3VLPruning(QwenVLPruning):
+class Qwen3VLPruning(WholeVideoSpans, QwenVLPruning):
     """Qwen3-VL's pruning (:class:`DivPruneQwen3VL`, :class:`DivPruneQwen3VLMoe`; vLLM's Qwen3.5 classes
     are Qwen3-VL classes too, ``qwen3_5.py``): images and videos.
 
@@ -71,17 +69,6 @@ class Qwen3VLPruning(QwenVLPruning):
 
     Positions: :class:`MRoPEPruning`'s; :meth:`full_span` puts a pruned video's frames back.
     """
-
-    @classmethod
-    def kept_per_run(cls, modality, lengths, ratio, family):
-        if modality == "video":  # one selection over all frames; the first frame's run holds every kept token
-            k = divprune_ext.keep_count(sum(lengths), ratio)
-            return list(lengths) if k == sum(lengths) else [k] + [0] * (len(lengths) - 1)
-        return super().kept_per_run(modality, lengths, ratio, family)
-
-    @classmethod
-    def embeds_whole_span(cls, modality):
-        return modality == "video"
 
     def embedding_width(self) -> int:
         return self.visual_dim + self.multiscale_dim

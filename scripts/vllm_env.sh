@@ -123,8 +123,12 @@ else
   [ "$failed" = 0 ] || { say "python_tests/vllm failed (logs: $logs)"; exit 1; }
 fi
 
-# 6. The second tier: the tests that need no engine, under each newer release's own Python modules.
-for version in ${DIVPRUNE_VLLM_VERSIONS-0.33.0 0.34.0}; do
+# 6. The second tier: the tests that need no engine, under each newer release's own Python modules
+#    (the releases side by side, as the shards above).
+tier2="$(mktemp -d)"
+pids=()
+versions=(${DIVPRUNE_VLLM_VERSIONS-0.33.0 0.34.0})
+for version in "${versions[@]}"; do
   overlay="$VENV/vllm-$version"
   if ! PYTHONPATH="$overlay" VLLM_TARGET_DEVICE=cpu "$VPY" -P -c \
       "import vllm, sys; sys.exit(vllm.__version__ != '$version')" >/dev/null 2>&1; then
@@ -135,5 +139,13 @@ for version in ${DIVPRUNE_VLLM_VERSIONS-0.33.0 0.34.0}; do
   say "pytest (vLLM $version): loading, processor, placeholders, positions, Model Runner V2"
   PYTHONPATH="$overlay" VLLM_TARGET_DEVICE=cpu "$VPY" -P -m pytest -p no:cacheprovider -q \
     python_tests/vllm/test_loading.py python_tests/vllm/test_processor.py python_tests/vllm/test_placeholders.py \
-    python_tests/vllm/test_positions.py python_tests/vllm/test_runner_v2.py
+    python_tests/vllm/test_positions.py python_tests/vllm/test_runner_v2.py > "$tier2/$version.log" 2>&1 &
+  pids+=($!)
 done
+failed=0
+for ((i = 0; i < ${#versions[@]}; i++)); do
+  wait "${pids[$i]}" || failed=1
+  say "vLLM ${versions[$i]}:"
+  tail -n 20 "$tier2/${versions[$i]}.log"
+done
+[ "$failed" = 0 ] || { say "the second tier failed (logs: $tier2)"; exit 1; }

@@ -12,7 +12,8 @@
 # Runner V2 tests run against each release's own modules (no engine).
 # Switches: PYTHON (the python that makes the venv, default python3), DIVPRUNE_VLLM_SKIP_INSTALL=1
 # (don't rebuild / reinstall divprune_ext), DIVPRUNE_VLLM_SETUP_ONLY=1 (stop before the tests),
-# DIVPRUNE_VLLM_VERSIONS (the second tier's releases, default "0.33.0 0.34.0"; "" skips it).
+# DIVPRUNE_VLLM_VERSIONS (the second tier's releases, default "0.33.0 0.34.0"; "" skips it),
+# DIVPRUNE_VLLM_WORKERS (pytest processes side by side for python_tests/vllm, default 2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
